@@ -1,0 +1,51 @@
+"""The background cleaner: prunes old rows every ``clean_interval``, on one instance.
+
+Each interval is itself a tick of the reserved job ``aiocronlock.cleaner``, decided
+through the same table, so with N instances one of them prunes per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ._identifiers import precision
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from ._locker import AsyncDBLocker
+
+logger = logging.getLogger("aiocronlock.cleaner")
+
+#: The job name under which cleaner ticks are recorded.
+CLEAN_JOB_NAME = "aiocronlock.cleaner"
+
+
+async def run_cleaner(locker: AsyncDBLocker, interval: timedelta) -> None:
+    """Prune at every multiple of ``interval`` since the epoch until cancelled.
+
+    A failed interval is logged and the loop waits for the next one: an outage
+    never stops the cleaner, and never reaches the application.
+    """
+    steps = precision(interval)
+    while True:
+        now = datetime.now(UTC)
+        tick = steps.truncate(now) + interval
+        await asyncio.sleep((tick - now).total_seconds())
+        try:
+            deleted = await locker._clean_tick(tick)
+        except Exception as error:
+            logger.warning(
+                "pruning for the tick at %s failed, next try in %s: %s",
+                tick.isoformat(),
+                interval,
+                error,
+            )
+            continue
+        if deleted is None:
+            logger.debug("another worker prunes the tick at %s", tick.isoformat())
+        else:
+            logger.debug("pruned %d rows for the tick at %s", deleted, tick.isoformat())

@@ -1,0 +1,141 @@
+"""Engines: building one from a URL, and turning driver errors into ``BackendError``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ._errors import BackendError, TableMissingError
+
+#: The asyncio driver used when a URL names only the database.
+_DEFAULT_DRIVERS = {
+    "postgresql": "asyncpg",
+    "postgres": "asyncpg",
+    "mysql": "asyncmy",
+    "mariadb": "asyncmy",
+    "sqlite": "aiosqlite",
+}
+#: The extra that installs each driver.
+_EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiosqlite": "sqlite"}
+
+#: How long SQLite waits for another process's write before reporting "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse a database URL, filling in the asyncio driver when none is named.
+
+    ``postgresql://`` becomes ``postgresql+asyncpg://``, ``mysql://`` and
+    ``mariadb://`` become ``+asyncmy``, ``sqlite://`` becomes ``+aiosqlite``.
+    """
+    try:
+        parsed = make_url(url)
+    except (exc.ArgumentError, ValueError) as error:
+        raise ValueError(
+            f"engine: {_mask(url)!r} is not a database URL; expected e.g. "
+            "'postgresql+asyncpg://user@host/db' or 'sqlite+aiosqlite:///locks.db'"
+        ) from error
+    backend = parsed.get_backend_name()
+    if "+" not in parsed.drivername and backend in _DEFAULT_DRIVERS:
+        name = "postgresql" if backend == "postgres" else backend
+        parsed = parsed.set(drivername=f"{name}+{_DEFAULT_DRIVERS[backend]}")
+    return parsed
+
+
+def _mask(url: str | URL) -> str:
+    """A URL as text with its password replaced by ``***``, even when it does not parse."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            credentials, _, host = rest.rpartition("@")
+            user = credentials.partition(":")[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url
+
+
+def describe(engine: AsyncEngine) -> str:
+    """The engine's URL with the password hidden, for messages and reprs."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def create_engine_from_url(url: URL) -> AsyncEngine:
+    """An engine owned by a locker: autocommit, so that acquiring is a single round trip."""
+    backend = url.get_backend_name()
+    options: dict[str, Any] = {
+        "isolation_level": "AUTOCOMMIT",
+        # A connection in autocommit has nothing to roll back when it returns to the pool.
+        "skip_autocommit_rollback": True,
+    }
+    if backend in ("mysql", "mariadb"):
+        options["pool_recycle"] = 3600  # stay under the server's wait_timeout
+        if "charset" not in url.query:
+            url = url.update_query_dict({"charset": "utf8mb4"})
+    elif backend == "sqlite":
+        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    try:
+        engine = create_async_engine(url, **options)
+    except exc.NoSuchModuleError as error:
+        raise ValueError(
+            f"engine: no SQLAlchemy dialect for {url.drivername!r} in {_mask(url)!r}; "
+            "use postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
+        ) from error
+    except ModuleNotFoundError as error:
+        driver = url.get_driver_name()
+        extra = _EXTRAS.get(driver)
+        fix = f"pip install 'aiocronlock[{extra}]'" if extra else f"install {driver!r}"
+        raise ValueError(f"engine: the driver {driver!r} is not installed: {fix}") from error
+    except exc.InvalidRequestError as error:
+        raise ValueError(
+            f"engine: {url.drivername!r} is not an asyncio driver; use "
+            "postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
+        ) from error
+    if backend == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # WAL lets readers and one writer work at once across processes on one file.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
+def translate_error(
+    error: BaseException, operation: str, *, target: str, table: str, timeout: float | None
+) -> BackendError:
+    """A ``BackendError`` for ``error``, which the caller chains as its cause."""
+    if isinstance(error, TimeoutError):
+        return BackendError(
+            f"{operation} on {target}",
+            f"no answer within {timeout:g} s",
+            hint="check that the database is reachable, or raise the locker's timeout",
+        )
+    original = error.orig if isinstance(error, exc.DBAPIError) and error.orig else error
+    if _is_missing_table(original):
+        return TableMissingError(f"{operation} on {target}", table)
+    text = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    reason = f"{type(original).__name__}: {text}" if text else type(original).__name__
+    hint = None
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        hint = "the connection was lost; the next call reconnects"
+    return BackendError(f"{operation} on {target}", reason, hint=hint)
+
+
+def _is_missing_table(error: BaseException) -> bool:
+    sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    if sqlstate == "42P01":  # PostgreSQL: undefined_table
+        return True
+    args = getattr(error, "args", ())
+    if args and args[0] == 1146:  # MySQL/MariaDB: ER_NO_SUCH_TABLE
+        return True
+    return "no such table" in str(error)  # SQLite

@@ -1,0 +1,375 @@
+"""``AsyncDBLocker``: how a tick is decided.
+
+Every instance that wants to run job ``J`` at tick ``t`` inserts the row
+``(J, identifier(t), worker, RUNNING)``. The table has a unique key on
+``(job_name, job_identifier)``, so exactly one insert succeeds: its instance runs
+the job, the others see the conflict and skip. The insert ignores the conflict
+instead of raising, so deciding costs one statement and no server-side error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from sqlalchemy import MetaData, inspect
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._cleaner import CLEAN_JOB_NAME, run_cleaner
+from ._engine import create_engine_from_url, describe, parse_url, translate_error
+from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
+from ._lock import Lock
+from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
+from ._sql import Statements
+from ._validation import check_name, require_timedelta, to_timedelta, to_utc
+
+logger = logging.getLogger("aiocronlock")
+
+_T = TypeVar("_T")
+
+#: Rows deleted per statement when pruning: small enough that no single DELETE
+#: holds its locks for long, so ``lock()`` calls interleave with a large prune.
+DEFAULT_CLEAN_BATCH_SIZE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    """One row of the lock table, as returned by :meth:`AsyncDBLocker.history`."""
+
+    id: int
+    job_name: str
+    identifier: str
+    worker: str
+    status: str
+    started_at: datetime
+    #: When FINISHED or FAILED was recorded; ``None`` while RUNNING.
+    finished_at: datetime | None
+
+    @property
+    def duration(self) -> timedelta | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+
+def default_worker_name() -> str:
+    """``<hostname>:<pid>``, which tells instances apart on one host and across hosts."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:255]
+
+
+def _aware(value: datetime) -> datetime:
+    """Database timestamps as aware UTC datetimes (MySQL and SQLite return naive UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class AsyncDBLocker:
+    """Decides which instance runs each tick of a job, through a table in a SQL database.
+
+    :param engine: an ``AsyncEngine`` (yours: the locker never disposes it) or a
+        database URL (then the locker creates the engine and disposes it on close).
+        ``postgresql://``, ``mysql://`` and ``sqlite://`` URLs get their asyncio
+        driver filled in.
+    :param worker: this instance's name, stored with each row it wins; 1 to 255
+        characters. Defaults to ``<hostname>:<pid>``.
+    :param identifier: the identifier strategy; defaults to ``precision(1 second)``.
+    :param ttl: rows older than this are pruned, and run times older than this are
+        refused. ``timedelta`` or seconds.
+    :param clean_interval: how often the background cleaner prunes; ``None`` for no
+        cleaner. ``timedelta`` or seconds.
+    :param table_name: the lock table's name; a plain SQL identifier.
+    :param schema: the table's schema, or ``None`` for the default one.
+    :param timeout: seconds any single database call may take before it fails with
+        ``BackendError``; a tick decided late is worth little.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine | str | URL,
+        *,
+        worker: str | None = None,
+        identifier: IdentifierStrategy | None = None,
+        ttl: timedelta | float = timedelta(days=1),
+        clean_interval: timedelta | float | None = timedelta(minutes=5),
+        table_name: str = DEFAULT_TABLE_NAME,
+        schema: str | None = None,
+        timeout: float = 5.0,
+        clean_batch_size: int = DEFAULT_CLEAN_BATCH_SIZE,
+    ) -> None:
+        self.worker = check_name("worker", default_worker_name() if worker is None else worker)
+        if identifier is None:
+            identifier = precision()
+        elif not callable(identifier):
+            raise TypeError(
+                "identifier must be a callable (job_name, run_time) -> str such as "
+                f"precision(timedelta(seconds=1)), not {type(identifier).__name__}"
+            )
+        self.identifier: IdentifierStrategy = identifier
+        self.ttl = require_timedelta("ttl", ttl)
+        self.clean_interval = to_timedelta("clean_interval", clean_interval, allow_none=True)
+        self.timeout = require_timedelta("timeout", timeout).total_seconds()
+        if isinstance(clean_batch_size, bool) or not isinstance(clean_batch_size, int):
+            raise TypeError(
+                f"clean_batch_size must be an int, not {type(clean_batch_size).__name__}"
+            )
+        if clean_batch_size < 1:
+            raise ValueError(f"clean_batch_size must be at least 1, got {clean_batch_size}")
+        self.clean_batch_size = clean_batch_size
+        self.table = lock_table(MetaData(), name=table_name, schema=schema)
+
+        if isinstance(engine, AsyncEngine):
+            self._owns_engine = False
+            # Run outside any transaction: no BEGIN/COMMIT around the single INSERT.
+            self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        elif isinstance(engine, str | URL):
+            self._owns_engine = True
+            self._engine = create_engine_from_url(parse_url(engine))
+        else:
+            raise TypeError(
+                "engine must be a sqlalchemy.ext.asyncio.AsyncEngine or a database URL, "
+                f"not {type(engine).__name__}"
+            )
+        self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else self._engine
+        self._sql = Statements(self.table, self._engine.dialect.name)
+        self._target = describe(self._engine)
+        self._clean_identifier = (
+            precision(self.clean_interval) if self.clean_interval is not None else None
+        )
+        self._cleaner: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
+        if self._started:
+            raise RuntimeError("this locker is already started: enter `async with` only once")
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.aclose)
+            self._started = True
+            if self.clean_interval is not None:
+                self._cleaner = asyncio.create_task(
+                    run_cleaner(self, self.clean_interval),
+                    name=f"aiocronlock cleaner {self.worker}",
+                )
+            self._exit_stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the cleaner and wait for it; dispose the engine if the locker created it.
+
+        Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._exit_stack = None
+        cleaner, self._cleaner = self._cleaner, None
+        if cleaner is not None:
+            cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleaner
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- deciding a tick -----------------------------------------------------------------
+
+    async def lock(self, job_name: str, run_time: datetime | None = None) -> Lock | None:
+        """Try to win ``job_name``'s tick at ``run_time``; ``None`` if another instance has it.
+
+        :param job_name: the job, 1 to 255 characters.
+        :param run_time: the tick's *scheduled* time, timezone-aware; ``None`` means now.
+            Instances that pass the same scheduled time agree on the tick whatever
+            their clocks say.
+        :returns: a :class:`Lock` to run the job under, or ``None`` when the tick was
+            already taken, or when ``run_time`` is older than ``ttl`` (its row may have
+            been pruned, and running it would be a second run).
+        :raises BackendError: the database could not decide. Do not run the job.
+        """
+        check_name("job_name", job_name)
+        now = datetime.now(UTC)
+        run_time = now if run_time is None else to_utc("run_time", run_time)
+        identifier = compute_identifier(self.identifier, job_name, run_time)
+        if now - run_time > self.ttl:
+            logger.warning(
+                "refusing %r at %s: the run time is older than ttl (%s)",
+                job_name,
+                run_time.isoformat(),
+                self.ttl,
+            )
+            return None
+        return await self._acquire(job_name, identifier, run_time)
+
+    async def _acquire(self, job_name: str, identifier: str, run_time: datetime) -> Lock | None:
+        self._check_open()
+        params = {"job_name": job_name, "job_identifier": identifier, "worker": self.worker}
+
+        async def insert(conn: AsyncConnection) -> int | None:
+            result = await conn.execute(self._sql.acquire, params)
+            if self._sql.acquire_returns_id:
+                row_id: int | None = result.scalar_one_or_none()
+                return row_id
+            return result.lastrowid or None
+
+        row_id = await self._run(f"lock({job_name!r})", insert)
+        if row_id is None:
+            logger.debug("%r %s is held by another worker", job_name, identifier)
+            return None
+        logger.debug("%r %s acquired by %s (id %d)", job_name, identifier, self.worker, row_id)
+        return Lock(
+            self,
+            id=row_id,
+            job_name=job_name,
+            identifier=identifier,
+            worker=self.worker,
+            run_time=run_time,
+        )
+
+    async def _finish(self, lock_id: int, status: Status) -> None:
+        async def update(conn: AsyncConnection) -> None:
+            await conn.execute(self._sql.finish, {"lock_id": lock_id, "new_status": status.value})
+
+        await self._run(f"unlock(id={lock_id})", update)
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def create_table(self) -> None:
+        """Create the lock table and its indexes if missing; safe to call from many instances.
+
+        On SQLite it also switches the file to WAL, so several processes can share it.
+        """
+
+        async def create(conn: AsyncConnection) -> None:
+            if self._engine.dialect.name == "sqlite":
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            for attempt in range(3):
+                try:
+                    await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+                    return
+                except Exception:
+                    # Another instance created it between our check and our CREATE.
+                    if attempt == 2 or not await conn.run_sync(self._table_exists):
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
+
+        await self._run("create_table()", create)
+
+    def _table_exists(self, sync_conn: Any) -> bool:
+        return bool(inspect(sync_conn).has_table(self.table.name, schema=self.table.schema))
+
+    async def clean(self) -> int:
+        """Delete rows older than ``ttl`` now, in batches; return how many were deleted.
+
+        Ages are measured with the database's clock, so instances whose clocks differ
+        prune the same rows.
+        """
+
+        async def now(conn: AsyncConnection) -> datetime:
+            return _aware((await conn.execute(self._sql.now)).scalar_one())
+
+        cutoff = (await self._run("clean()", now)) - self.ttl
+        statement = self._sql.prune_batch(cutoff, self.clean_batch_size)
+
+        async def prune(conn: AsyncConnection) -> int:
+            return (await conn.execute(statement)).rowcount
+
+        total = 0
+        while True:
+            deleted = await self._run("clean()", prune)
+            total += deleted
+            if deleted < self.clean_batch_size:
+                break
+            await asyncio.sleep(0)  # let lock() calls in between
+        if total:
+            logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
+        return total
+
+    async def history(self, job_name: str | None = None, limit: int = 50) -> list[JobRun]:
+        """The most recent runs, newest first, of one job or of all jobs."""
+        if job_name is not None:
+            check_name("job_name", job_name)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        query = self._sql.history(job_name, limit)
+
+        async def fetch(conn: AsyncConnection) -> list[JobRun]:
+            rows = (await conn.execute(query)).all()
+            return [
+                JobRun(
+                    id=row.id,
+                    job_name=row.job_name,
+                    identifier=row.job_identifier,
+                    worker=row.worker,
+                    status=row.status,
+                    started_at=_aware(row.created_at),
+                    finished_at=None if row.status == Status.RUNNING else _aware(row.updated_at),
+                )
+                for row in rows
+            ]
+
+        return await self._run("history()", fetch)
+
+    async def _clean_tick(self, tick: datetime) -> int | None:
+        """One interval of the background cleaner: prune if this instance wins the tick."""
+        assert self._clean_identifier is not None
+        identifier = self._clean_identifier(CLEAN_JOB_NAME, tick)
+        lock = await self._acquire(CLEAN_JOB_NAME, identifier, tick)
+        if lock is None:
+            return None
+        async with lock:
+            return await self.clean()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
+
+    async def _run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
+        self._check_open()
+        try:
+            async with asyncio.timeout(self.timeout), self._engine.connect() as conn:
+                return await work(conn)
+        except Exception as error:
+            raise translate_error(
+                error,
+                operation,
+                target=self._target,
+                table=self.table.name,
+                timeout=self.timeout,
+            ) from error
+
+    def __repr__(self) -> str:
+        identifier = self.identifier
+        if isinstance(identifier, Precision):
+            strategy = f"precision({identifier.step!r})"
+        else:
+            strategy = repr(identifier)
+        return (
+            f"AsyncDBLocker({self._target!r}, worker={self.worker!r}, identifier={strategy}, "
+            f"table={self.table.fullname!r})"
+        )

@@ -1,0 +1,117 @@
+"""The lock table, and how to add it to your own ``MetaData`` (for Alembic)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeEngine
+
+from ._validation import MAX_NAME_LENGTH, check_sql_identifier
+
+DEFAULT_TABLE_NAME = "cron_job_locks"
+#: Room for the ``ix_``/``uq_`` prefixes and suffixes within the 63-character limit.
+MAX_TABLE_NAME_LENGTH = 48
+
+
+class Status(enum.StrEnum):
+    """What became of a run. Stored as its value in the ``status`` column."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+
+
+class ExactText(TypeDecorator[str]):
+    """Text compared byte for byte on every backend.
+
+    PostgreSQL and SQLite compare strings exactly already. MySQL and MariaDB
+    collations fold case, accents or trailing spaces, which would make ``"job"``
+    and ``"Job "`` the same tick; there the value is stored as UTF-8 bytes instead.
+    """
+
+    impl = String(MAX_NAME_LENGTH)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.VARBINARY(MAX_NAME_LENGTH * 4))
+        return dialect.type_descriptor(String(MAX_NAME_LENGTH))
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
+        if value is not None and dialect.name in ("mysql", "mariadb"):
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if isinstance(value, bytes | bytearray):
+            return bytes(value).decode("utf-8")
+        return value  # type: ignore[no-any-return]
+
+
+def _timestamp() -> TypeEngine[Any]:
+    # Microsecond precision everywhere; MySQL's DATETIME would otherwise keep whole seconds.
+    return DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+def lock_table(
+    metadata: MetaData,
+    *,
+    name: str = DEFAULT_TABLE_NAME,
+    schema: str | None = None,
+) -> Table:
+    """Define the lock table in ``metadata`` and return it.
+
+    Use it to let Alembic manage the table::
+
+        from aiocronlock import lock_table
+        lock_table(Base.metadata)  # then: alembic revision --autogenerate
+
+    Columns: ``id`` (increasing, usable as a fencing token), ``job_name``,
+    ``job_identifier``, ``worker``, ``status``, ``created_at`` and ``updated_at``
+    (both from the database clock). ``(job_name, job_identifier)`` is unique and
+    ``created_at`` is indexed for pruning.
+    """
+    check_sql_identifier("table_name", name)
+    if len(name) > MAX_TABLE_NAME_LENGTH:
+        raise ValueError(
+            f"table_name must be at most {MAX_TABLE_NAME_LENGTH} characters, got {len(name)}"
+        )
+    if schema is not None:
+        check_sql_identifier("schema", schema)
+    return Table(
+        name,
+        metadata,
+        Column(
+            "id",
+            BigInteger().with_variant(Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        Column("job_name", ExactText(), nullable=False),
+        Column("job_identifier", ExactText(), nullable=False),
+        Column("worker", String(MAX_NAME_LENGTH), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("created_at", _timestamp(), nullable=False),
+        Column("updated_at", _timestamp(), nullable=False),
+        UniqueConstraint("job_name", "job_identifier", name=f"uq_{name}_job"),
+        Index(f"ix_{name}_created_at", "created_at"),
+        schema=schema,
+        # Ids never reused after deletes, so they stay increasing fencing tokens.
+        sqlite_autoincrement=True,
+        mysql_charset="utf8mb4",
+    )
