@@ -5,24 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import AiocronlockError, BackendError, TableMissingError
+from ._guard import locked
 from ._identifiers import IdentifierStrategy, Precision, precision
-from ._lock import Lock
+from ._lock import Lock, current_lock
 from ._locker import AsyncDBLocker, JobRun
+from ._scheduler import Job, Scheduler
 from ._schema import Status, lock_table
+from ._triggers import CronTrigger, IntervalTrigger, Trigger, ticks
 
 __all__ = [
     "AiocronlockError",
     "AsyncDBLocker",
     "BackendError",
+    "CronTrigger",
     "IdentifierStrategy",
+    "IntervalTrigger",
+    "Job",
     "JobRun",
     "Lock",
     "Precision",
+    "Scheduler",
     "Status",
     "TableMissingError",
+    "Trigger",
     "__version__",
+    "current_lock",
     "lock_table",
+    "locked",
     "precision",
+    "ticks",
 ]
 
 

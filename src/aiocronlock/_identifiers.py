@@ -42,6 +42,11 @@ class Precision:
         elapsed_us = (run_time - _EPOCH) // _MICROSECOND
         return _EPOCH + timedelta(microseconds=elapsed_us - elapsed_us % step_us)
 
+    def nearest(self, moment: datetime) -> datetime:
+        """The multiple of ``step`` closest to ``moment``: a guess at the scheduled time
+        of a tick that woke up a little early or late."""
+        return self.truncate(moment + self.step / 2)
+
     def __call__(self, job_name: str, run_time: datetime, /) -> str:
         start = self.truncate(run_time)
         if start.microsecond:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from datetime import datetime
 from types import TracebackType
@@ -15,6 +16,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aiocronlock")
 
+_current_lock: contextvars.ContextVar[Lock] = contextvars.ContextVar("aiocronlock_current_lock")
+
+
+def current_lock() -> Lock:
+    """The lock of the run in progress, inside a job started by the scheduler or a guard.
+
+    Gives the job its tick (``current_lock().run_time``) and its fencing token
+    (``current_lock().id``). Raises ``LookupError`` outside such a run.
+    """
+    try:
+        return _current_lock.get()
+    except LookupError:
+        raise LookupError(
+            "current_lock() is only available inside a job run by Scheduler or @locked"
+        ) from None
+
 
 class Lock:
     """This instance won ``(job_name, identifier)``; the row says RUNNING until unlocked.
@@ -23,7 +40,16 @@ class Lock:
     FAILED when the block raised (the exception propagates) or was cancelled.
     """
 
-    __slots__ = ("_done", "_locker", "id", "identifier", "job_name", "run_time", "worker")
+    __slots__ = (
+        "_done",
+        "_locker",
+        "_token",
+        "id",
+        "identifier",
+        "job_name",
+        "run_time",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -37,6 +63,7 @@ class Lock:
     ) -> None:
         self._locker = locker
         self._done = False
+        self._token: contextvars.Token[Lock] | None = None
         #: The row's id. Ids only increase, so it can serve as a fencing token.
         self.id = id
         self.job_name = job_name
@@ -75,6 +102,7 @@ class Lock:
         self._done = True
 
     async def __aenter__(self) -> Self:
+        self._token = _current_lock.set(self)
         return self
 
     async def __aexit__(
@@ -83,6 +111,9 @@ class Lock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current_lock.reset(token)
         if exc is None:
             await self.unlock()
             return

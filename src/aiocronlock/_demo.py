@@ -1,0 +1,300 @@
+"""``aiocronlock demo``: several processes race for the same ticks; each tick runs once.
+
+The parent starts the worker processes, reads from each the runs it executed
+(one JSON line per run), shows them live, and checks two independent records at
+the end: what the workers say they ran, and the FINISHED rows in the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ._identifiers import precision
+from ._lock import current_lock
+from ._locker import AsyncDBLocker
+from ._scheduler import Scheduler
+from ._triggers import IntervalTrigger
+
+#: Time given to the worker processes to start before the first counted tick.
+STARTUP_SECONDS = 3.0
+_PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+
+
+# -- the worker process ------------------------------------------------------------------
+
+
+async def run_worker(
+    *, url: str, table: str, worker: str, jobs: int, interval: timedelta, until: float
+) -> int:
+    """One demo instance: schedule ``jobs`` jobs every ``interval`` until ``until``."""
+    locker = AsyncDBLocker(
+        url,
+        worker=worker,
+        table_name=table,
+        clean_interval=None,
+        identifier=precision(min(interval, timedelta(seconds=1))),
+    )
+    scheduler = Scheduler(locker, grace_period=interval * 2)
+    for number in range(1, jobs + 1):
+        scheduler.add_job(
+            _demo_job(worker, interval), IntervalTrigger(interval), name=f"job-{number}"
+        )
+    async with locker, scheduler:
+        await asyncio.sleep(max(0.0, until - time.time()))
+    return 0
+
+
+def _demo_job(worker: str, interval: timedelta) -> Any:
+    async def job() -> None:
+        lock = current_lock()
+        # Pretend to work for part of the interval.
+        await asyncio.sleep(random.uniform(0.05, 0.3) * interval.total_seconds())
+        line = {"job": lock.job_name, "tick": lock.run_time.timestamp(), "worker": worker}
+        print(json.dumps(line), flush=True)
+
+    return job
+
+
+# -- the parent --------------------------------------------------------------------------
+
+
+@dataclass
+class _Race:
+    jobs: list[str]
+    ticks: list[float]
+    workers: list[str]
+    runs: dict[tuple[str, float], list[str]] = field(default_factory=lambda: defaultdict(list))
+    finished_rows: int | None = None
+
+    def record(self, job: str, tick: float, worker: str) -> None:
+        if job in self.jobs and self.ticks[0] <= tick <= self.ticks[-1]:
+            self.runs[job, round(tick, 6)].append(worker)
+
+    def summary(self) -> dict[str, Any]:
+        expected = [(job, round(tick, 6)) for tick in self.ticks for job in self.jobs]
+        wins = Counter(worker for runs in self.runs.values() for worker in runs)
+        return {
+            "workers": len(self.workers),
+            "jobs": len(self.jobs),
+            "ticks": len(self.ticks),
+            "expected_runs": len(expected),
+            "runs": sum(len(runs) for runs in self.runs.values()),
+            "duplicates": sum(max(0, len(self.runs.get(key, [])) - 1) for key in expected),
+            "misses": sum(1 for key in expected if not self.runs.get(key)),
+            "finished_rows": self.finished_rows,
+            "wins": {worker: wins.get(worker, 0) for worker in self.workers},
+        }
+
+
+async def run_demo(
+    *,
+    url: str | None,
+    table: str,
+    workers: int,
+    jobs: int,
+    duration: timedelta,
+    interval: timedelta,
+    as_json: bool,
+) -> int:
+    step = interval.total_seconds()
+    with contextlib.ExitStack() as cleanup:
+        if url is None:
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="aiocronlock-"))
+            url = f"sqlite:///{Path(folder) / 'demo.db'}"
+        async with AsyncDBLocker(url, table_name=table, clean_interval=None) as locker:
+            await locker.create_table()
+            first = math.ceil((time.time() + STARTUP_SECONDS) / step) * step
+            count = max(1, int(duration.total_seconds() // step))
+            race = _Race(
+                jobs=[f"job-{n}" for n in range(1, jobs + 1)],
+                ticks=[first + i * step for i in range(count)],
+                workers=[f"worker-{n}" for n in range(1, workers + 1)],
+            )
+            until = race.ticks[-1] + step * 0.9
+            processes = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "aiocronlock",
+                    "--url",
+                    url,
+                    "--table",
+                    table,
+                    "_demo-worker",
+                    "--worker",
+                    name,
+                    "--jobs",
+                    str(jobs),
+                    "--interval",
+                    f"{step}s",
+                    "--until",
+                    repr(until),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                for name in race.workers
+            ]
+            readers = [asyncio.create_task(_read_runs(p, race)) for p in processes]
+            errors = [asyncio.create_task(_read_all(p.stderr)) for p in processes]
+            if as_json:
+                await asyncio.gather(*readers)
+            else:
+                await _show_live(race, readers, url)
+            codes = [await p.wait() for p in processes]
+            failures = [
+                f"{name} exited with status {code}: {(await err).strip()[-2000:]}"
+                for name, code, err in zip(race.workers, codes, errors, strict=True)
+                if code != 0
+            ]
+            race.finished_rows = await _count_finished(locker, race)
+    summary = race.summary()
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _show_summary(summary, failures)
+    for failure in failures:
+        print(f"aiocronlock: error: {failure}", file=sys.stderr)
+    ok = summary["duplicates"] == 0 and summary["misses"] == 0 and not failures
+    return 0 if ok else 1
+
+
+async def _read_runs(process: asyncio.subprocess.Process, race: _Race) -> None:
+    assert process.stdout is not None
+    async for raw in process.stdout:
+        with contextlib.suppress(ValueError, KeyError):
+            line = json.loads(raw)
+            race.record(line["job"], float(line["tick"]), line["worker"])
+
+
+async def _read_all(stream: asyncio.StreamReader | None) -> str:
+    assert stream is not None
+    return (await stream.read()).decode(errors="replace")
+
+
+async def _count_finished(locker: AsyncDBLocker, race: _Race) -> int:
+    identifiers = {locker.identifier(job, _utc(tick)) for tick in race.ticks for job in race.jobs}
+    runs = await locker.history(limit=len(race.ticks) * len(race.jobs) * 4 + 100)
+    return sum(
+        1
+        for run in runs
+        if run.status == "FINISHED" and run.job_name in race.jobs and run.identifier in identifiers
+    )
+
+
+def _utc(tick: float) -> datetime:
+    return datetime.fromtimestamp(tick, UTC)
+
+
+# -- the display -------------------------------------------------------------------------
+
+
+async def _show_live(race: _Race, readers: list[asyncio.Task[None]], url: str) -> None:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    colours = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(race.workers)}
+    header = Text.assemble(
+        ("aiocronlock demo", "bold"),
+        f": {len(race.workers)} worker processes race for {len(race.jobs)} job(s) "
+        f"every {race.ticks[1] - race.ticks[0] if len(race.ticks) > 1 else 1:g}s on ",
+        (_short_url(url), "italic"),
+    )
+
+    def render() -> Group:
+        return Group(header, _tick_table(race, colours), _progress(race, colours))
+
+    with Live(render(), refresh_per_second=8, transient=False) as live:
+        while not all(reader.done() for reader in readers):
+            await asyncio.sleep(0.125)
+            live.update(render())
+        live.update(render())
+    await asyncio.gather(*readers)
+
+
+def _tick_table(race: _Race, colours: dict[str, str]) -> Any:
+    from rich.table import Table
+
+    now = time.time()
+    table = Table(expand=False, show_edge=True, header_style="bold")
+    table.add_column("tick (UTC)", style="dim")
+    for job in race.jobs:
+        table.add_column(job, min_width=12)
+    shown = [tick for tick in race.ticks if tick <= now][-10:]
+    for tick in shown:
+        cells = []
+        for job in race.jobs:
+            runs = race.runs.get((job, round(tick, 6)), [])
+            if len(runs) == 1:
+                cells.append(f"[{colours[runs[0]]}]{runs[0]}[/]")
+            elif runs:
+                cells.append(f"[bold red]DUPLICATE: {', '.join(runs)}[/]")
+            else:
+                cells.append("[dim]…[/]" if now - tick < 3 else "[bold red]missed[/]")
+        table.add_row(_utc(tick).strftime("%H:%M:%S.%f")[:-4], *cells)
+    if not shown:
+        table.add_row(f"first tick in {max(0.0, race.ticks[0] - now):.1f}s", *[""] * len(race.jobs))
+    return table
+
+
+def _progress(race: _Race, colours: dict[str, str]) -> Any:
+    from rich.text import Text
+
+    summary = race.summary()
+    due = sum(1 for tick in race.ticks if tick <= time.time())
+    text = Text(f"tick {due}/{len(race.ticks)}   runs {summary['runs']}   ")
+    text.append(
+        f"duplicates {summary['duplicates']}", "green" if not summary["duplicates"] else "red"
+    )
+    text.append("   wins: ")
+    for worker, wins in summary["wins"].items():
+        text.append(f"{worker} {wins}  ", colours[worker])
+    return text
+
+
+def _show_summary(summary: dict[str, Any], failures: list[str]) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    ok = summary["duplicates"] == 0 and summary["misses"] == 0 and not failures
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("ticks", f"{summary['ticks']} per job x {summary['jobs']} job(s)")
+    table.add_row("expected runs", str(summary["expected_runs"]))
+    table.add_row("runs", str(summary["runs"]))
+    table.add_row("duplicates", _flag(summary["duplicates"]))
+    table.add_row("misses", _flag(summary["misses"]))
+    table.add_row("FINISHED rows", str(summary["finished_rows"]))
+    table.add_row("wins", ", ".join(f"{w} {n}" for w, n in summary["wins"].items()))
+    verdict = (
+        "[bold green]every tick ran exactly once[/]"
+        if ok
+        else "[bold red]some ticks did not run exactly once[/]"
+    )
+    console = Console()
+    console.print()
+    console.print(Panel(table, title="summary", subtitle=verdict, expand=False))
+
+
+def _flag(value: int) -> str:
+    return f"[green]{value}[/]" if value == 0 else f"[bold red]{value}[/]"
+
+
+def _short_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,250 @@
+"""A small scheduler whose every tick is decided by the locker.
+
+Each job has a trigger that yields *scheduled* times. At each one, every instance
+asks the locker for ``(job, scheduled time)``; the winner runs the job, the
+others skip quietly. Because the scheduled time, not each instance's wake-up
+time, names the tick, instances agree even when their clocks or timers differ by
+a fraction of the interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo
+
+from ._errors import BackendError
+from ._locker import AsyncDBLocker
+from ._triggers import CronTrigger, IntervalTrigger, Trigger, as_trigger, latest_due
+from ._validation import check_name, require_timedelta
+
+logger = logging.getLogger("aiocronlock.scheduler")
+
+JobFunction = Callable[[], Awaitable[Any]] | Callable[[], Any]
+
+
+@dataclass(eq=False)
+class Job:
+    """A function, its trigger and its name (the same on every instance)."""
+
+    name: str
+    func: JobFunction
+    trigger: Trigger
+    #: Skip a tick on this instance while the previous run here is still going.
+    skip_if_running: bool = True
+    _runs: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._runs)
+
+
+def _default_name(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+class Scheduler:
+    """Runs jobs on their ticks, each tick on exactly one of the instances.
+
+    ::
+
+        scheduler = Scheduler(locker)
+
+        @scheduler.every(timedelta(seconds=1), name="heartbeat")
+        async def heartbeat() -> None: ...
+
+        async with locker, scheduler:
+            await stop_event.wait()
+
+    :param grace_period: on stop, how long running jobs may take to finish before
+        they are cancelled (their rows are then marked FAILED).
+    """
+
+    def __init__(self, locker: AsyncDBLocker, *, grace_period: timedelta | float = 10.0) -> None:
+        if not isinstance(locker, AsyncDBLocker):
+            raise TypeError(f"locker must be an AsyncDBLocker, not {type(locker).__name__}")
+        self.locker = locker
+        self.grace_period = require_timedelta("grace_period", grace_period).total_seconds()
+        self._jobs: dict[str, Job] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._started = False
+
+    # -- declaring jobs --------------------------------------------------------------------
+
+    @property
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def add_job(
+        self,
+        func: JobFunction,
+        trigger: Trigger | timedelta | float,
+        *,
+        name: str | None = None,
+        skip_if_running: bool = True,
+    ) -> Job:
+        """Schedule ``func`` (a coroutine function, or a plain function run in a thread)."""
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}")
+        job_name = check_name("name", _default_name(func) if name is None else name)
+        if job_name in self._jobs:
+            raise ValueError(f"name: a job named {job_name!r} is already scheduled")
+        if self._started:
+            raise RuntimeError("add jobs before the scheduler starts")
+        schedule = as_trigger(trigger)
+        step = getattr(self.locker.identifier, "step", None)
+        if isinstance(schedule, IntervalTrigger) and step is not None and schedule.interval < step:
+            raise ValueError(
+                f"interval: every {schedule.interval} is shorter than the locker's identifier "
+                f"precision ({step}), so two ticks would share one identifier; build the "
+                f"locker with identifier=precision(timedelta(seconds="
+                f"{schedule.interval.total_seconds():g}))"
+            )
+        job = Job(job_name, func, schedule, skip_if_running=skip_if_running)
+        self._jobs[job_name] = job
+        return job
+
+    def every(
+        self,
+        interval: timedelta | float,
+        *,
+        name: str | None = None,
+        skip_if_running: bool = True,
+    ) -> Callable[[JobFunction], JobFunction]:
+        """Decorator: run the function every ``interval``, aligned to the Unix epoch."""
+        trigger = IntervalTrigger(interval)
+
+        def decorate(func: JobFunction) -> JobFunction:
+            self.add_job(func, trigger, name=name, skip_if_running=skip_if_running)
+            return func
+
+        return decorate
+
+    def cron(
+        self,
+        expression: str,
+        *,
+        name: str | None = None,
+        tz: str | ZoneInfo = "UTC",
+        skip_if_running: bool = True,
+    ) -> Callable[[JobFunction], JobFunction]:
+        """Decorator: run the function on a five-field cron expression in time zone ``tz``."""
+        trigger = CronTrigger(expression, tz)
+
+        def decorate(func: JobFunction) -> JobFunction:
+            self.add_job(func, trigger, name=name, skip_if_running=skip_if_running)
+            return func
+
+        return decorate
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Start every job's loop in the background (``async with`` does this)."""
+        if self._started:
+            raise RuntimeError("this scheduler is already running")
+        if not self._jobs:
+            logger.warning("the scheduler has no jobs")
+        self._started = True
+        self._loops = [
+            asyncio.create_task(self._job_loop(job), name=f"aiocronlock job {job.name}")
+            for job in self._jobs.values()
+        ]
+
+    async def run(self) -> None:
+        """Run until cancelled, then stop cleanly (for ``asyncio.run(scheduler.run())``)."""
+        self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self.stop())
+
+    async def stop(self) -> None:
+        """Start no new ticks; give running jobs ``grace_period``, then cancel them."""
+        loops, self._loops = self._loops, []
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        runs = {run for job in self._jobs.values() for run in job._runs}
+        if runs:
+            _, pending = await asyncio.wait(runs, timeout=self.grace_period)
+            for run in pending:
+                logger.warning(
+                    "cancelling %s: still running after the grace period", run.get_name()
+                )
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+        self._started = False
+
+    async def _job_loop(self, job: Job) -> None:
+        scheduled = job.trigger.next_after(datetime.now(UTC))
+        while True:
+            await asyncio.sleep(max(0.0, (scheduled - datetime.now(UTC)).total_seconds()))
+            self._start_tick(job, scheduled)
+            now = datetime.now(UTC)
+            following, missed = latest_due(job.trigger, scheduled, now)
+            if missed:
+                logger.warning(
+                    "%r: %d tick(s) missed while this instance was busy; next one at %s",
+                    job.name,
+                    missed,
+                    following.isoformat(),
+                )
+            scheduled = following
+
+    def _start_tick(self, job: Job, scheduled: datetime) -> None:
+        if job.running and job.skip_if_running:
+            logger.debug("%r: skipping %s, the previous run is still going", job.name, scheduled)
+            return
+        run = asyncio.create_task(
+            self._run_tick(job, scheduled), name=f"aiocronlock {job.name} @ {scheduled.isoformat()}"
+        )
+        job._runs.add(run)
+        run.add_done_callback(job._runs.discard)
+
+    async def _run_tick(self, job: Job, scheduled: datetime) -> None:
+        try:
+            lock = await self.locker.lock(job.name, scheduled)
+        except BackendError as error:
+            # Fail closed: never run without the lock.
+            logger.warning(
+                "%r: skipping %s, the lock could not be decided: %s", job.name, scheduled, error
+            )
+            return
+        if lock is None:
+            logger.debug("%r: %s is another worker's", job.name, scheduled)
+            return
+        try:
+            async with lock:
+                await _call(job.func)
+        except Exception:
+            logger.exception("%r: the run at %s failed", job.name, scheduled.isoformat())
+
+
+async def _call(func: JobFunction) -> None:
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - async callable objects
+    ):
+        await func()
+        return
+    result = await asyncio.to_thread(func)
+    if inspect.isawaitable(result):
+        await result

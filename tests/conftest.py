@@ -1,0 +1,172 @@
+"""Backend fixtures: every test that takes ``backend`` runs on SQLite, PostgreSQL and MariaDB.
+
+PostgreSQL and MySQL/MariaDB are real servers, found through environment variables
+(defaults: the local servers that ``docker compose up`` starts). When one cannot be
+reached its tests are skipped with a one-line reason, except under ``CI=true``,
+where an unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData, Table, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from aiocronlock import AsyncDBLocker, lock_table
+
+POSTGRES_URL = os.environ.get(
+    "AIOCRONLOCK_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+MYSQL_URL = os.environ.get("AIOCRONLOCK_TEST_MYSQL_URL", "mysql+asyncmy://root@127.0.0.1:3306/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def _reachable(url: str) -> bool:
+    parsed = make_url(url)
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 0), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def server_url(name: str) -> str:
+    """The URL of a server backend, skipping (or, under CI, failing) when it is down."""
+    url = POSTGRES_URL if name == "postgresql" else MYSQL_URL
+    if not _reachable(url):
+        where = make_url(url).render_as_string(hide_password=True)
+        message = f"{name} server not reachable at {where}"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: a missing server is a failure)")
+        pytest.skip(message)
+    return url
+
+
+@dataclass
+class Backend:
+    """One database to test against, with a table name of the test's own."""
+
+    name: str
+    url: str
+    table_name: str
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.name == "sqlite"
+
+    def engine(self, **kwargs: Any) -> AsyncEngine:
+        return create_async_engine(self.url, **kwargs)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    name: str = request.param
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    if name == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'locks.db'}"
+    else:
+        url = server_url(name)
+    backend = Backend(name=name, url=url, table_name=table)
+    yield backend
+    if name != "sqlite":
+        asyncio.run(_drop_table(url, table))
+
+
+async def _drop_table(url: str, table: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: Table(table, MetaData()).drop(sync, checkfirst=True))
+    finally:
+        await engine.dispose()
+
+
+LockerFactory = Callable[..., Awaitable[AsyncDBLocker]]
+
+
+@pytest.fixture
+async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
+    """The test's engine; after the test, no connection may still be checked out."""
+    engine = backend.engine()
+    try:
+        yield engine
+        checked_out = engine.pool.checkedout()  # type: ignore[attr-defined]
+        assert checked_out == 0, f"{checked_out} connection(s) leaked from the pool"
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def make_locker(backend: Backend, engine: AsyncEngine) -> AsyncIterator[LockerFactory]:
+    """Build lockers on the test's table (created on first use); all are closed afterwards.
+
+    ``make_locker(worker="a")`` shares the test's engine; ``make_locker(own_engine=True)``
+    gives the locker an engine of its own, like another instance of a service.
+    """
+    lockers: list[AsyncDBLocker] = []
+    engines: list[AsyncEngine] = []
+
+    async def factory(*, own_engine: bool = False, create: bool = True, **kwargs: Any) -> AsyncDBLocker:
+        kwargs.setdefault("table_name", backend.table_name)
+        kwargs.setdefault("clean_interval", None)
+        target = engine
+        if own_engine:
+            target = backend.engine()
+            engines.append(target)
+        locker = AsyncDBLocker(target, **kwargs)
+        lockers.append(locker)
+        if create:
+            await locker.create_table()
+        return locker
+
+    yield factory
+    for locker in lockers:
+        await locker.aclose()
+    for own in engines:
+        assert own.pool.checkedout() == 0, "connection leaked from a locker's own engine"  # type: ignore[attr-defined]
+        await own.dispose()
+
+
+class StatementCounter:
+    """Counts the statements an engine sends to its database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.statements: list[str] = []
+        self._engine = engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._record)
+
+    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._record)
+
+    def __len__(self) -> int:
+        return len(self.statements)
+
+
+@pytest.fixture
+def count_statements(engine: AsyncEngine) -> Iterator[StatementCounter]:
+    counter = StatementCounter(engine)
+    yield counter
+    counter.close()
+
+
+async def fetch_rows(engine: AsyncEngine, table: str) -> list[Any]:
+    """The table's rows, oldest first, read directly (not through the locker)."""
+    locks = lock_table(MetaData(), name=table)
+    async with engine.connect() as conn:
+        result = await conn.execute(select(locks).order_by(locks.c.id))
+        return list(result.mappings().all())
