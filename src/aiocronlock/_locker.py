@@ -232,7 +232,15 @@ class AsyncDBLocker:
                 return row_id
             return result.lastrowid or None
 
-        row_id = await self._run(f"lock({job_name!r})", insert)
+        # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
+        # (within the timeout) and a row we won is marked FAILED, never left RUNNING
+        # with nobody running it.
+        attempt = asyncio.ensure_future(self._run(f"lock({job_name!r})", insert))
+        try:
+            row_id = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            await self._abandon(attempt, job_name, identifier)
+            raise
         if row_id is None:
             logger.debug("%r %s is held by another worker", job_name, identifier)
             return None
@@ -245,6 +253,28 @@ class AsyncDBLocker:
             worker=self.worker,
             run_time=run_time,
         )
+
+    async def _abandon(
+        self, attempt: asyncio.Future[int | None], job_name: str, identifier: str
+    ) -> None:
+        """After a cancelled lock(): wait for the insert, and mark a won row FAILED."""
+        try:
+            row_id = await attempt
+            if row_id is not None:
+                await self._finish(row_id, Status.FAILED)
+                logger.info(
+                    "lock(%r) was cancelled after winning %s; its row %d is marked FAILED",
+                    job_name,
+                    identifier,
+                    row_id,
+                )
+        except Exception as error:
+            logger.warning(
+                "lock(%r) was cancelled and its outcome for %s is unknown: %s",
+                job_name,
+                identifier,
+                error,
+            )
 
     async def _finish(self, lock_id: int, status: Status) -> None:
         async def update(conn: AsyncConnection) -> None:
