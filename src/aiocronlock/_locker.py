@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -39,6 +39,9 @@ _T = TypeVar("_T")
 #: Rows deleted per statement when pruning: small enough that no single DELETE
 #: holds its locks for long, so ``lock()`` calls interleave with a large prune.
 DEFAULT_CLEAN_BATCH_SIZE = 2000
+#: Rows per multi-row INSERT in lock_many(): within SQLite's and PostgreSQL's limits
+#: on bound parameters per statement.
+_MANY_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,11 @@ class JobRun:
 def default_worker_name() -> str:
     """``<hostname>:<pid>``, which tells instances apart on one host and across hosts."""
     return f"{socket.gethostname()}:{os.getpid()}"[:255]
+
+
+def _numbered(rows: list[dict[str, str]]) -> dict[str, str]:
+    """Bind parameters for a multi-row insert: ``job_name_0``, ``job_identifier_0``, ..."""
+    return {f"{key}_{i}": value for i, row in enumerate(rows) for key, value in row.items()}
 
 
 def _aware(value: datetime) -> datetime:
@@ -220,6 +228,61 @@ class AsyncDBLocker:
             )
             return None
         return await self._acquire(job_name, identifier, run_time)
+
+    async def lock_many(
+        self, job_names: Iterable[str], run_time: datetime | None = None
+    ) -> dict[str, Lock]:
+        """Try to win one tick of several jobs at once; return the locks won, by job name.
+
+        On PostgreSQL and SQLite this is a single multi-row INSERT, whatever the number
+        of jobs. MySQL and MariaDB cannot report which rows of a multi-row insert won,
+        so there it is one INSERT per job on one connection. Jobs whose tick another
+        instance has are simply absent from the result.
+        """
+        names = list(job_names)
+        for name in names:
+            check_name("job_names item", name)
+        if len(set(names)) != len(names):
+            raise ValueError("job_names must not repeat a job")
+        now = datetime.now(UTC)
+        run_time = now if run_time is None else to_utc("run_time", run_time)
+        if not names or now - run_time > self.ttl:
+            return {}
+        identifiers = {name: compute_identifier(self.identifier, name, run_time) for name in names}
+        rows = [
+            {"job_name": name, "job_identifier": identifiers[name], "worker": self.worker}
+            for name in names
+        ]
+
+        async def insert(conn: AsyncConnection) -> dict[str, int]:
+            won: dict[str, int] = {}
+            if self._sql.acquire_returns_id:
+                # Chunks keep each statement under the drivers' bound-parameter limits.
+                for start in range(0, len(rows), _MANY_CHUNK):
+                    chunk = rows[start : start + _MANY_CHUNK]
+                    result = await conn.execute(
+                        self._sql.acquire_many(len(chunk)), _numbered(chunk)
+                    )
+                    won.update({row.job_name: row.id for row in result})
+                return won
+            for row in rows:
+                row_id = (await conn.execute(self._sql.acquire, row)).lastrowid
+                if row_id:
+                    won[row["job_name"]] = row_id
+            return won
+
+        won = await self._run(f"lock_many({len(names)} jobs)", insert)
+        return {
+            name: Lock(
+                self,
+                id=row_id,
+                job_name=name,
+                identifier=identifiers[name],
+                worker=self.worker,
+                run_time=run_time,
+            )
+            for name, row_id in won.items()
+        }
 
     async def _acquire(self, job_name: str, identifier: str, run_time: datetime) -> Lock | None:
         self._check_open()

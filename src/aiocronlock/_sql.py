@@ -91,12 +91,38 @@ class Statements:
             # SHOW WARNINGS, a second round trip on every lost race.
             self.acquire = mysql.insert(table).values(row).on_duplicate_key_update(id=c.id)
 
+        self._now = now
         self.finish: Update = (
             update(table)
             .where(c.id == bindparam("lock_id"), c.status == Status.RUNNING.value)
             .values(status=bindparam("new_status"), updated_at=now)
         )
         self.now: Select[datetime] = select(now)
+
+    def acquire_many(self, count: int) -> Executable:
+        """A multi-row version of ``acquire`` (PostgreSQL and SQLite) returning id and job.
+
+        Parameters are numbered per row: ``job_name_0``, ``job_identifier_0``, ``worker_0``...
+        """
+        c = self.table.c
+        rows = [
+            {
+                "job_name": bindparam(f"job_name_{i}", type_=c.job_name.type),
+                "job_identifier": bindparam(f"job_identifier_{i}", type_=c.job_identifier.type),
+                "worker": bindparam(f"worker_{i}", type_=c.worker.type),
+                "status": Status.RUNNING.value,
+                "created_at": self._now,
+                "updated_at": self._now,
+            }
+            for i in range(count)
+        ]
+        insert = postgresql.insert if self.dialect_name == "postgresql" else sqlite.insert
+        return (
+            insert(self.table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
+            .returning(c.id, c.job_name)
+        )
 
     def prune_batch(self, cutoff: datetime, limit: int) -> Delete:
         """Delete at most ``limit`` rows created before ``cutoff``, oldest first."""
