@@ -6,9 +6,7 @@ through the same table, so with N instances one of them prunes per interval.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ._identifiers import precision
@@ -32,9 +30,8 @@ async def run_cleaner(locker: AsyncDBLocker, interval: timedelta) -> None:
     """
     steps = precision(interval)
     while True:
-        now = datetime.now(UTC)
-        tick = steps.truncate(now) + interval
-        await asyncio.sleep((tick - now).total_seconds())
+        tick = steps.truncate(locker.clock.now()) + interval
+        await locker.clock.sleep_until(tick)
         try:
             deleted = await locker._clean_tick(tick)
         except Exception as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from ._identifiers import Precision
@@ -74,7 +74,7 @@ def _tick_time(
     known = _apscheduler4_fire_time()
     if known is not None:
         return known
-    now = datetime.now(UTC)
+    now = locker.clock.now()
     if isinstance(locker.identifier, Precision):
         return locker.identifier.nearest(now)
     return now

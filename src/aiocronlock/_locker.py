@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
+from ._clock import SYSTEM_CLOCK, Clock
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
@@ -95,6 +96,7 @@ class AsyncDBLocker:
     :param schema: the table's schema, or ``None`` for the default one.
     :param timeout: seconds any single database call may take before it fails with
         ``BackendError``; a tick decided late is worth little.
+    :param clock: the time source; tests pass ``aiocronlock.testing.FakeClock``.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class AsyncDBLocker:
         schema: str | None = None,
         timeout: float = 5.0,
         clean_batch_size: int = DEFAULT_CLEAN_BATCH_SIZE,
+        clock: Clock | None = None,
     ) -> None:
         self.worker = check_name("worker", default_worker_name() if worker is None else worker)
         if identifier is None:
@@ -129,6 +132,7 @@ class AsyncDBLocker:
         if clean_batch_size < 1:
             raise ValueError(f"clean_batch_size must be at least 1, got {clean_batch_size}")
         self.clean_batch_size = clean_batch_size
+        self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self.table = lock_table(MetaData(), name=table_name, schema=schema)
 
         if isinstance(engine, AsyncEngine):
@@ -216,7 +220,7 @@ class AsyncDBLocker:
         :raises BackendError: the database could not decide. Do not run the job.
         """
         check_name("job_name", job_name)
-        now = datetime.now(UTC)
+        now = self.clock.now()
         run_time = now if run_time is None else to_utc("run_time", run_time)
         identifier = compute_identifier(self.identifier, job_name, run_time)
         if now - run_time > self.ttl:
@@ -244,7 +248,7 @@ class AsyncDBLocker:
             check_name("job_names item", name)
         if len(set(names)) != len(names):
             raise ValueError("job_names must not repeat a job")
-        now = datetime.now(UTC)
+        now = self.clock.now()
         run_time = now if run_time is None else to_utc("run_time", run_time)
         if not names or now - run_time > self.ttl:
             return {}

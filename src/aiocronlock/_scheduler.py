@@ -14,11 +14,12 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 from zoneinfo import ZoneInfo
 
+from ._clock import Clock
 from ._errors import BackendError
 from ._locker import AsyncDBLocker
 from ._triggers import CronTrigger, IntervalTrigger, Trigger, as_trigger, latest_due
@@ -64,12 +65,20 @@ class Scheduler:
 
     :param grace_period: on stop, how long running jobs may take to finish before
         they are cancelled (their rows are then marked FAILED).
+    :param clock: the time source; defaults to the locker's (tests pass a ``FakeClock``).
     """
 
-    def __init__(self, locker: AsyncDBLocker, *, grace_period: timedelta | float = 10.0) -> None:
+    def __init__(
+        self,
+        locker: AsyncDBLocker,
+        *,
+        grace_period: timedelta | float = 10.0,
+        clock: Clock | None = None,
+    ) -> None:
         if not isinstance(locker, AsyncDBLocker):
             raise TypeError(f"locker must be an AsyncDBLocker, not {type(locker).__name__}")
         self.locker = locker
+        self.clock: Clock = locker.clock if clock is None else clock
         self.grace_period = require_timedelta("grace_period", grace_period).total_seconds()
         self._jobs: dict[str, Job] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -195,11 +204,11 @@ class Scheduler:
         self._started = False
 
     async def _job_loop(self, job: Job) -> None:
-        scheduled = job.trigger.next_after(datetime.now(UTC))
+        scheduled = job.trigger.next_after(self.clock.now())
         while True:
-            await asyncio.sleep(max(0.0, (scheduled - datetime.now(UTC)).total_seconds()))
+            await self.clock.sleep_until(scheduled)
             self._start_tick(job, scheduled)
-            now = datetime.now(UTC)
+            now = self.clock.now()
             following, missed = latest_due(job.trigger, scheduled, now)
             if missed:
                 logger.warning(
@@ -219,6 +228,7 @@ class Scheduler:
         )
         job._runs.add(run)
         run.add_done_callback(job._runs.discard)
+        self.clock.track(run)
 
     async def _run_tick(self, job: Job, scheduled: datetime) -> None:
         try:
