@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import AiocronlockError, BackendError, TableMissingError
+from ._clock import Clock, SystemClock
+from ._errors import AiocronlockError, BackendError, LeaseLostError, TableMissingError
+from ._events import EventKind, LockEvent
 from ._guard import locked
 from ._identifiers import IdentifierStrategy, Precision, precision
 from ._lock import Lock, current_lock
@@ -17,15 +19,20 @@ __all__ = [
     "AiocronlockError",
     "AsyncDBLocker",
     "BackendError",
+    "Clock",
     "CronTrigger",
+    "EventKind",
     "IdentifierStrategy",
     "IntervalTrigger",
     "Job",
     "JobRun",
+    "LeaseLostError",
     "Lock",
+    "LockEvent",
     "Precision",
     "Scheduler",
     "Status",
+    "SystemClock",
     "TableMissingError",
     "Trigger",
     "__version__",

@@ -40,3 +40,20 @@ class TableMissingError(BackendError):
             f"table {table!r} does not exist",
             hint="call `await locker.create_table()` or run `aiocronlock init`",
         )
+
+
+class LeaseLostError(AiocronlockError):
+    """An exclusive run lost its lease while running and was cancelled.
+
+    Raised from the ``async with lock:`` block in place of the cancellation, so the
+    caller (and the scheduler's log) sees why the job stopped.
+    """
+
+    def __init__(self, job_name: str, lock_id: int, reason: str) -> None:
+        self.job_name = job_name
+        self.lock_id = lock_id
+        self.reason = reason
+        super().__init__(
+            f"job {job_name!r} (run {lock_id}) lost its lease and was stopped: {reason}; "
+            "another instance may now run it"
+        )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from ._errors import BackendError, LeaseLostError
+from ._events import EventKind
 from ._schema import Status
 
 if TYPE_CHECKING:
@@ -38,15 +40,30 @@ class Lock:
 
     Use it as an async context manager: leaving the block records FINISHED, or
     FAILED when the block raised (the exception propagates) or was cancelled.
+
+    An exclusive lock (``lock(..., exclusive=True)``) also holds the job's lease and
+    renews it every third of the lease while held. If a renewal fails for longer
+    than the lease (database down, event loop blocked) or finds the lease taken,
+    the lock is *lost*: ``lost`` is set, the row becomes LOST, and, when
+    ``cancel_on_loss`` is true (the default), the task running the ``async with``
+    block is cancelled and the block raises ``LeaseLostError`` instead, so that two
+    instances never run the job at once.
     """
 
     __slots__ = (
+        "_cancelled_by_loss",
         "_done",
+        "_keeper",
         "_locker",
+        "_lost_reason",
+        "_task",
         "_token",
+        "cancel_on_loss",
         "id",
         "identifier",
         "job_name",
+        "lease",
+        "lost",
         "run_time",
         "worker",
     )
@@ -60,10 +77,15 @@ class Lock:
         identifier: str,
         worker: str,
         run_time: datetime,
+        lease: timedelta | None = None,
     ) -> None:
         self._locker = locker
         self._done = False
         self._token: contextvars.Token[Lock] | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._lost_reason: str | None = None
+        self._cancelled_by_loss = False
         #: The row's id. Ids only increase, so it can serve as a fencing token.
         self.id = id
         self.job_name = job_name
@@ -71,23 +93,107 @@ class Lock:
         self.worker = worker
         #: The tick's scheduled time, in UTC.
         self.run_time = run_time
+        #: The lease of an exclusive lock; ``None`` for a per-tick lock.
+        self.lease = lease
+        #: Set when an exclusive lock lost its lease. Never set for a per-tick lock.
+        self.lost = asyncio.Event()
+        #: Cancel the task in the ``async with`` block when the lease is lost.
+        self.cancel_on_loss = True
+
+    @property
+    def exclusive(self) -> bool:
+        return self.lease is not None
 
     @property
     def released(self) -> bool:
-        """True once FINISHED or FAILED has been recorded."""
+        """True once the outcome (FINISHED, FAILED or LOST) has been recorded."""
         return self._done
 
-    async def unlock(self, *, failed: bool = False) -> None:
-        """Record FINISHED (or FAILED) and the time; calling it again does nothing.
+    # -- the lease of an exclusive lock ---------------------------------------------------------
 
-        The update is shielded from cancellation (within the locker's timeout), so
-        a cancelled caller still leaves an accurate row behind. If the database
-        cannot be reached, ``BackendError`` is raised and the call may be retried.
+    def _start_lease(self) -> None:
+        # The lease was taken no earlier than now: count from here, not from when the
+        # keeper first runs (the event loop may be blocked before that).
+        confirmed = asyncio.get_running_loop().time()
+        self._keeper = asyncio.create_task(
+            self._keep_lease(confirmed), name=f"aiocronlock lease {self.job_name} #{self.id}"
+        )
+
+    async def _keep_lease(self, confirmed: float) -> None:
+        assert self.lease is not None
+        loop = asyncio.get_running_loop()
+        lease = self.lease.total_seconds()
+        while True:
+            await asyncio.sleep(lease / 3)
+            if loop.time() - confirmed >= lease:
+                self._lose(f"no renewal for {loop.time() - confirmed:.1f} s, past the lease")
+                return
+            sent = loop.time()
+            try:
+                renewed = await self._locker._renew(self)
+            except BackendError as error:
+                logger.warning("could not renew the lease of %r: %s", self, error)
+                continue
+            if not renewed:
+                self._lose("the lease expired or was taken over")
+                return
+            confirmed = sent
+            if self._locker.events:
+                self._locker._emit(
+                    EventKind.LEASE_RENEWED,
+                    self.job_name,
+                    self.identifier,
+                    lock_id=self.id,
+                    run_time=self.run_time,
+                )
+
+    def _lose(self, reason: str) -> None:
+        if self.lost.is_set():
+            return
+        self._lost_reason = reason
+        self.lost.set()
+        logger.error("%r lost its lease: %s", self, reason)
+        if self._locker.events:
+            self._locker._emit(
+                EventKind.LEASE_LOST,
+                self.job_name,
+                self.identifier,
+                lock_id=self.id,
+                run_time=self.run_time,
+                reason=reason,
+            )
+        if self.cancel_on_loss and self._task is not None and not self._task.done():
+            self._cancelled_by_loss = True
+            self._task.cancel(f"aiocronlock: {self!r} lost its lease")
+
+    async def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not asyncio.current_task():
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    # -- releasing ------------------------------------------------------------------------------
+
+    async def unlock(self, *, failed: bool = False) -> None:
+        """Record FINISHED (or FAILED, or LOST for a lost lease) and release the lease.
+
+        Calling it again does nothing. The update is shielded from cancellation
+        (within the locker's timeout), so a cancelled caller still leaves an accurate
+        row behind. If the database cannot be reached, ``BackendError`` is raised and
+        the call may be retried.
         """
         if self._done:
             return
-        status = Status.FAILED if failed else Status.FINISHED
-        update = asyncio.ensure_future(self._locker._finish(self.id, status))
+        await self._stop_keeper()
+        if self.lost.is_set():
+            status = Status.LOST
+        else:
+            status = Status.FAILED if failed else Status.FINISHED
+        await self._record(status)
+
+    async def _record(self, status: Status) -> None:
+        release = self.job_name if self.exclusive and status != Status.LOST else None
+        update = asyncio.ensure_future(self._locker._finish(self.id, status, release_job=release))
         try:
             await asyncio.shield(update)
         except asyncio.CancelledError:
@@ -97,12 +203,22 @@ class Lock:
             except Exception:
                 logger.exception("could not record %s for %r", status.value, self)
             else:
-                self._done = True
+                self._finished(status)
             raise
+        self._finished(status)
+
+    def _finished(self, status: Status) -> None:
         self._done = True
+        locker = self._locker
+        if locker.events and status != Status.LOST:
+            kind = EventKind.FAILED if status == Status.FAILED else EventKind.FINISHED
+            locker._emit(
+                kind, self.job_name, self.identifier, lock_id=self.id, run_time=self.run_time
+            )
 
     async def __aenter__(self) -> Self:
         self._token = _current_lock.set(self)
+        self._task = asyncio.current_task()
         return self
 
     async def __aexit__(
@@ -114,6 +230,7 @@ class Lock:
         token, self._token = self._token, None
         if token is not None:
             _current_lock.reset(token)
+        task, self._task = self._task, None
         if exc is None:
             await self.unlock()
             return
@@ -122,6 +239,10 @@ class Lock:
         except Exception:
             # The body's exception matters more; do not hide it behind ours.
             logger.exception("could not record FAILED for %r", self)
+        if self._cancelled_by_loss and isinstance(exc, asyncio.CancelledError) and task:
+            # Our cancellation, not the caller's: report it as what it is.
+            task.uncancel()
+            raise LeaseLostError(self.job_name, self.id, self._lost_reason or "") from None
 
     def __repr__(self) -> str:
         return (

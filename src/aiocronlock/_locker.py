@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -27,10 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
 from ._clock import SYSTEM_CLOCK, Clock
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
+from ._errors import BackendError
+from ._events import EventKind, Events, LockEvent, Subscriber
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
-from ._sql import Statements
+from ._sql import Statements, lease_param
 from ._validation import check_name, require_timedelta, to_timedelta, to_utc
 
 logger = logging.getLogger("aiocronlock")
@@ -97,6 +100,7 @@ class AsyncDBLocker:
     :param timeout: seconds any single database call may take before it fails with
         ``BackendError``; a tick decided late is worth little.
     :param clock: the time source; tests pass ``aiocronlock.testing.FakeClock``.
+    :param lease: the default lease of exclusive locks (``lock(..., exclusive=True)``).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class AsyncDBLocker:
         timeout: float = 5.0,
         clean_batch_size: int = DEFAULT_CLEAN_BATCH_SIZE,
         clock: Clock | None = None,
+        lease: timedelta | float = timedelta(seconds=30),
     ) -> None:
         self.worker = check_name("worker", default_worker_name() if worker is None else worker)
         if identifier is None:
@@ -133,6 +138,11 @@ class AsyncDBLocker:
             raise ValueError(f"clean_batch_size must be at least 1, got {clean_batch_size}")
         self.clean_batch_size = clean_batch_size
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self.lease = require_timedelta("lease", lease)
+        self._lease_rows: set[str] = set()
+        self.events = Events()
+        #: Database clock minus this instance's clock, measured on start (``check_clock``).
+        self.clock_offset: timedelta | None = None
         self.table = lock_table(MetaData(), name=table_name, schema=schema)
 
         if isinstance(engine, AsyncEngine):
@@ -168,6 +178,10 @@ class AsyncDBLocker:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self.aclose)
             self._started = True
+            try:
+                await self.check_clock()
+            except BackendError as error:
+                logger.warning("could not compare clocks with the database: %s", error)
             if self.clean_interval is not None:
                 self._cleaner = asyncio.create_task(
                     run_cleaner(self, self.clean_interval),
@@ -207,7 +221,14 @@ class AsyncDBLocker:
 
     # -- deciding a tick -----------------------------------------------------------------
 
-    async def lock(self, job_name: str, run_time: datetime | None = None) -> Lock | None:
+    async def lock(
+        self,
+        job_name: str,
+        run_time: datetime | None = None,
+        *,
+        exclusive: bool = False,
+        lease: timedelta | float | None = None,
+    ) -> Lock | None:
         """Try to win ``job_name``'s tick at ``run_time``; ``None`` if another instance has it.
 
         :param job_name: the job, 1 to 255 characters.
@@ -217,9 +238,14 @@ class AsyncDBLocker:
         :returns: a :class:`Lock` to run the job under, or ``None`` when the tick was
             already taken, or when ``run_time`` is older than ``ttl`` (its row may have
             been pruned, and running it would be a second run).
+        :param exclusive: also require that no other run of this job holds a live
+            lease, so runs of the job never overlap across instances, even when one
+            outlives its interval. The lock then holds a lease of ``lease`` (default:
+            the locker's ``lease``), renewed in the background while it is held.
         :raises BackendError: the database could not decide. Do not run the job.
         """
         check_name("job_name", job_name)
+        lease_for = self._lease_for(exclusive, lease)
         now = self.clock.now()
         run_time = now if run_time is None else to_utc("run_time", run_time)
         identifier = compute_identifier(self.identifier, job_name, run_time)
@@ -230,8 +256,21 @@ class AsyncDBLocker:
                 run_time.isoformat(),
                 self.ttl,
             )
+            if self.events:
+                self._emit(
+                    EventKind.SKIPPED, job_name, identifier, run_time=run_time, reason="stale"
+                )
             return None
-        return await self._acquire(job_name, identifier, run_time)
+        return await self._acquire(job_name, identifier, run_time, lease_for)
+
+    def _lease_for(self, exclusive: bool, lease: timedelta | float | None) -> timedelta | None:
+        if not isinstance(exclusive, bool):
+            raise TypeError(f"exclusive must be a bool, not {type(exclusive).__name__}")
+        if not exclusive:
+            if lease is not None:
+                raise ValueError("lease: a lease only applies with exclusive=True")
+            return None
+        return self.lease if lease is None else require_timedelta("lease", lease)
 
     async def lock_many(
         self, job_names: Iterable[str], run_time: datetime | None = None
@@ -288,47 +327,134 @@ class AsyncDBLocker:
             for name, row_id in won.items()
         }
 
-    async def _acquire(self, job_name: str, identifier: str, run_time: datetime) -> Lock | None:
+    async def _acquire(
+        self,
+        job_name: str,
+        identifier: str,
+        run_time: datetime,
+        lease: timedelta | None = None,
+    ) -> Lock | None:
         self._check_open()
-        params = {"job_name": job_name, "job_identifier": identifier, "worker": self.worker}
+        params: dict[str, Any] = {
+            "job_name": job_name,
+            "job_identifier": identifier,
+            "worker": self.worker,
+        }
 
-        async def insert(conn: AsyncConnection) -> int | None:
+        async def insert(conn: AsyncConnection) -> tuple[int | None, bool]:
             result = await conn.execute(self._sql.acquire, params)
             if self._sql.acquire_returns_id:
                 row_id: int | None = result.scalar_one_or_none()
-                return row_id
-            return result.lastrowid or None
+                return row_id, False
+            return result.lastrowid or None, False
+
+        decide = insert
+        if lease is not None:
+            params["lease"] = lease_param(self._sql.dialect_name, lease)
+            params["lease_job"] = job_name
+            params["lease_worker"] = self.worker
+            decide = functools.partial(self._decide_exclusive, params=params)
 
         # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
         # (within the timeout) and a row we won is marked FAILED, never left RUNNING
         # with nobody running it.
-        attempt = asyncio.ensure_future(self._run(f"lock({job_name!r})", insert))
+        attempt = asyncio.ensure_future(self._run(f"lock({job_name!r})", decide))
         try:
-            row_id = await asyncio.shield(attempt)
+            row_id, overlap = await asyncio.shield(attempt)
         except asyncio.CancelledError:
-            await self._abandon(attempt, job_name, identifier)
+            await self._abandon(attempt, job_name, identifier, exclusive=lease is not None)
             raise
         if row_id is None:
+            if overlap:
+                logger.debug("%r %s skipped: another run holds the lease", job_name, identifier)
+                if self.events:
+                    self._emit(
+                        EventKind.SKIPPED, job_name, identifier, run_time=run_time, reason="overlap"
+                    )
+                return None
             logger.debug("%r %s is held by another worker", job_name, identifier)
+            if self.events:
+                self._emit(EventKind.LOST_RACE, job_name, identifier, run_time=run_time)
             return None
         logger.debug("%r %s acquired by %s (id %d)", job_name, identifier, self.worker, row_id)
-        return Lock(
+        if self.events:
+            self._emit(EventKind.ACQUIRED, job_name, identifier, run_time=run_time, lock_id=row_id)
+        lock = Lock(
             self,
             id=row_id,
             job_name=job_name,
             identifier=identifier,
             worker=self.worker,
             run_time=run_time,
+            lease=lease,
         )
+        if lease is not None:
+            lock._start_lease()
+        return lock
+
+    async def _decide_exclusive(
+        self, conn: AsyncConnection, *, params: dict[str, Any]
+    ) -> tuple[int | None, bool]:
+        """Win the tick and the job's lease, or neither: ``(row id or None, overlap)``."""
+        sql = self._sql
+        if sql.acquire_exclusive is not None:
+            # PostgreSQL: tick row and lease in one statement.
+            row = (await conn.execute(sql.acquire_exclusive, params)).one()
+            tick_id, holder_id, live = row.tick_id, row.holder_id, row.live
+            if tick_id is None:
+                return None, bool(live)
+            if holder_id is not None:
+                return int(tick_id), False
+        else:
+            if await conn.scalar(sql.lease_is_live, params):
+                return None, True
+            result = await conn.execute(sql.acquire, params)
+            tick_id = result.scalar_one_or_none() if sql.acquire_returns_id else result.lastrowid
+            if not tick_id:
+                return None, False
+            claim = {**params, "lock_id": tick_id}
+            if sql.ensure_lease_row is not None and params["lease_job"] not in self._lease_rows:
+                await conn.execute(sql.ensure_lease_row, claim)
+                self._lease_rows.add(params["lease_job"])
+            claimed = await conn.execute(sql.claim, claim)
+            if sql.acquire_returns_id:
+                if claimed.scalar_one_or_none() is not None:
+                    return int(tick_id), False
+            elif claimed.rowcount == 1:
+                return int(tick_id), False
+        # We won the tick but another run took the lease in between: not run.
+        await conn.execute(sql.mark, {"lock_id": tick_id, "new_status": Status.SKIPPED.value})
+        return None, True
+
+    async def _renew(self, lock: Lock) -> bool:
+        """Extend ``lock``'s lease; False when it is no longer ours (expired or taken)."""
+        assert lock.lease is not None
+        params = {
+            "lease_job": lock.job_name,
+            "lock_id": lock.id,
+            "lease": lease_param(self._sql.dialect_name, lock.lease),
+        }
+
+        async def renew(conn: AsyncConnection) -> bool:
+            return (await conn.execute(self._sql.renew, params)).rowcount == 1
+
+        return await self._run(f"renew lease of {lock.job_name!r}", renew)
 
     async def _abandon(
-        self, attempt: asyncio.Future[int | None], job_name: str, identifier: str
+        self,
+        attempt: asyncio.Future[tuple[int | None, bool]],
+        job_name: str,
+        identifier: str,
+        *,
+        exclusive: bool,
     ) -> None:
         """After a cancelled lock(): wait for the insert, and mark a won row FAILED."""
         try:
-            row_id = await attempt
+            row_id, _ = await attempt
             if row_id is not None:
-                await self._finish(row_id, Status.FAILED)
+                await self._finish(
+                    row_id, Status.FAILED, release_job=job_name if exclusive else None
+                )
                 logger.info(
                     "lock(%r) was cancelled after winning %s; its row %d is marked FAILED",
                     job_name,
@@ -343,9 +469,15 @@ class AsyncDBLocker:
                 error,
             )
 
-    async def _finish(self, lock_id: int, status: Status) -> None:
+    async def _finish(
+        self, lock_id: int, status: Status, *, release_job: str | None = None
+    ) -> None:
         async def update(conn: AsyncConnection) -> None:
             await conn.execute(self._sql.finish, {"lock_id": lock_id, "new_status": status.value})
+            if release_job is not None:
+                await conn.execute(
+                    self._sql.release, {"lease_job": release_job, "lock_id": lock_id}
+                )
 
         await self._run(f"unlock(id={lock_id})", update)
 
@@ -400,6 +532,8 @@ class AsyncDBLocker:
             await asyncio.sleep(0)  # let lock() calls in between
         if total:
             logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
+        if self.events:
+            self._emit(EventKind.CLEANED, None, None, rows=total)
         return total
 
     async def history(self, job_name: str | None = None, limit: int = 50) -> list[JobRun]:
@@ -438,6 +572,56 @@ class AsyncDBLocker:
             return None
         async with lock:
             return await self.clean()
+
+    async def check_clock(self) -> timedelta:
+        """Measure how far the database's clock is from this instance's; warn if too far.
+
+        Ticks computed from local clocks (``lock()`` without a run time, ``@locked``
+        without a scheduled time) split when clocks differ by about the identifier
+        precision. The offset is kept in ``clock_offset``; ``async with`` measures it.
+        """
+
+        async def read(conn: AsyncConnection) -> tuple[datetime, datetime, datetime]:
+            before = self.clock.now()
+            database = _aware((await conn.execute(self._sql.now)).scalar_one())
+            return before, database, self.clock.now()
+
+        before, database, after = await self._run("check_clock()", read)
+        offset = database - (before + (after - before) / 2)
+        self.clock_offset = offset
+        step = getattr(self.identifier, "step", None)
+        tolerance = (step if isinstance(step, timedelta) else timedelta(seconds=1)) / 4
+        uncertainty = (after - before) / 2
+        if abs(offset) - uncertainty > tolerance:
+            logger.warning(
+                "this instance's clock differs from the database's by %.3f s, more than a "
+                "quarter of the identifier precision: ticks named from local clocks may "
+                "split between instances; synchronise the clocks (NTP) or pass scheduled "
+                "run times",
+                offset.total_seconds(),
+            )
+        return offset
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(event)`` for every :class:`LockEvent`; returns an unsubscribe function.
+
+        Callbacks run synchronously in the event loop; keep them short. One that
+        raises is logged and does not affect the lock.
+        """
+        return self.events.subscribe(callback)
+
+    def _emit(
+        self,
+        kind: EventKind,
+        job_name: str | None,
+        identifier: str | None,
+        **details: Any,
+    ) -> None:
+        self.events.emit(
+            LockEvent(
+                kind=kind, worker=self.worker, job_name=job_name, identifier=identifier, **details
+            )
+        )
 
     # -- plumbing --------------------------------------------------------------------------
 

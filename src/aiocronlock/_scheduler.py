@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from ._clock import Clock
 from ._errors import BackendError
+from ._events import EventKind
 from ._locker import AsyncDBLocker
 from ._triggers import CronTrigger, IntervalTrigger, Trigger, as_trigger, latest_due
 from ._validation import check_name, require_timedelta
@@ -222,6 +223,10 @@ class Scheduler:
     def _start_tick(self, job: Job, scheduled: datetime) -> None:
         if job.running and job.skip_if_running:
             logger.debug("%r: skipping %s, the previous run is still going", job.name, scheduled)
+            if self.locker.events:
+                self.locker._emit(
+                    EventKind.SKIPPED, job.name, None, run_time=scheduled, reason="running"
+                )
             return
         run = asyncio.create_task(
             self._run_tick(job, scheduled), name=f"aiocronlock {job.name} @ {scheduled.isoformat()}"

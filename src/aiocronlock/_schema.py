@@ -26,6 +26,8 @@ from ._validation import MAX_NAME_LENGTH, check_sql_identifier
 DEFAULT_TABLE_NAME = "cron_job_locks"
 #: Room for the ``ix_``/``uq_`` prefixes and suffixes within the 63-character limit.
 MAX_TABLE_NAME_LENGTH = 48
+#: The leases table of exclusive jobs is named after the lock table, with this suffix.
+LEASES_SUFFIX = "_leases"
 
 
 class Status(enum.StrEnum):
@@ -34,6 +36,10 @@ class Status(enum.StrEnum):
     RUNNING = "RUNNING"
     FINISHED = "FINISHED"
     FAILED = "FAILED"
+    #: An exclusive run that could not keep its lease; it was cancelled.
+    LOST = "LOST"
+    #: An exclusive tick won while another run held the job's lease; not run.
+    SKIPPED = "SKIPPED"
 
 
 class ExactText(TypeDecorator[str]):
@@ -85,6 +91,10 @@ def lock_table(
     ``job_identifier``, ``worker``, ``status``, ``created_at`` and ``updated_at``
     (both from the database clock). ``(job_name, job_identifier)`` is unique and
     ``created_at`` is indexed for pruning.
+
+    It also defines ``<name>_leases``, one row per exclusive job: who holds its
+    lease (``holder_id``, the run's row id, and ``worker``) and until when
+    (``lease_until``, database clock).
     """
     check_sql_identifier("table_name", name)
     if len(name) > MAX_TABLE_NAME_LENGTH:
@@ -93,6 +103,17 @@ def lock_table(
         )
     if schema is not None:
         check_sql_identifier("schema", schema)
+    Table(
+        name + LEASES_SUFFIX,
+        metadata,
+        Column("job_name", ExactText(), primary_key=True),
+        Column("holder_id", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+        Column("worker", String(MAX_NAME_LENGTH), nullable=False),
+        Column("lease_until", _timestamp(), nullable=False),
+        Column("updated_at", _timestamp(), nullable=False),
+        schema=schema,
+        mysql_charset="utf8mb4",
+    )
     return Table(
         name,
         metadata,

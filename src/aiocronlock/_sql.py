@@ -6,19 +6,24 @@ validated table and schema names, quoted by SQLAlchemy.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Delete,
     Executable,
+    Integer,
+    Interval,
     Select,
+    String,
     Table,
     Update,
     bindparam,
     delete,
+    exists,
     func,
+    literal,
     literal_column,
     select,
     type_coerce,
@@ -26,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from ._schema import Status, _timestamp
+from ._schema import LEASES_SUFFIX, Status, _timestamp
 
 MYSQL_DIALECTS = ("mysql", "mariadb")
 SUPPORTED_DIALECTS = ("postgresql", "sqlite", *MYSQL_DIALECTS)
@@ -43,6 +48,31 @@ def db_now(dialect_name: str) -> ColumnElement[datetime]:
     else:
         expr = func.strftime("%Y-%m-%d %H:%M:%f", "now")
     return type_coerce(expr, _timestamp())
+
+
+def db_later(dialect_name: str) -> ColumnElement[datetime]:
+    """The database's current time plus the bound duration ``lease`` (see lease_params)."""
+    expr: ColumnElement[Any]
+    if dialect_name == "postgresql":
+        expr = func.now() + bindparam("lease", type_=Interval())
+    elif dialect_name in MYSQL_DIALECTS:
+        expr = func.timestampadd(
+            literal_column("MICROSECOND"),
+            bindparam("lease", type_=Integer()),
+            literal_column("UTC_TIMESTAMP(6)"),
+        )
+    else:
+        expr = func.strftime("%Y-%m-%d %H:%M:%f", "now", bindparam("lease", type_=String()))
+    return type_coerce(expr, _timestamp())
+
+
+def lease_param(dialect_name: str, lease: timedelta) -> Any:
+    """The value bound to ``lease`` in :func:`db_later` for this backend."""
+    if dialect_name == "postgresql":
+        return lease
+    if dialect_name in MYSQL_DIALECTS:
+        return lease // timedelta(microseconds=1)
+    return f"+{lease.total_seconds():.6f} seconds"
 
 
 class Statements:
@@ -98,6 +128,7 @@ class Statements:
             .values(status=bindparam("new_status"), updated_at=now)
         )
         self.now: Select[datetime] = select(now)
+        self._build_lease_statements()
 
     def acquire_many(self, count: int) -> Executable:
         """A multi-row version of ``acquire`` (PostgreSQL and SQLite) returning id and job.
@@ -123,6 +154,130 @@ class Statements:
             .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
             .returning(c.id, c.job_name)
         )
+
+    def _build_lease_statements(self) -> None:
+        locks = self.table
+        leases = locks.metadata.tables[locks.key + LEASES_SUFFIX]
+        lc = leases.c
+        now = self._now
+        later = db_later(self.dialect_name)
+        # Bound names differ from column names: SQLAlchemy reserves those in VALUES/SET.
+        job = bindparam("lease_job", type_=lc.job_name.type)
+        worker = bindparam("lease_worker", type_=lc.worker.type)
+        self.leases = leases
+        #: Another instance holds a live lease on the job.
+        self.lease_is_live = select(exists().where(lc.job_name == job, lc.lease_until > now))
+        # Extend a live lease we hold; the holder id is the fencing token.
+        self.renew: Update = (
+            update(leases)
+            .where(lc.job_name == job, lc.holder_id == bindparam("lock_id"), lc.lease_until > now)
+            .values(lease_until=later, updated_at=now)
+        )
+        self.release: Update = (
+            update(leases)
+            .where(lc.job_name == job, lc.holder_id == bindparam("lock_id"))
+            .values(lease_until=now, updated_at=now)
+        )
+        self.force_release: Update = (
+            update(leases).where(lc.job_name == job).values(lease_until=now, updated_at=now)
+        )
+        self.mark: Update = (
+            update(locks)
+            .where(locks.c.id == bindparam("lock_id"), locks.c.status == Status.RUNNING.value)
+            .values(status=bindparam("new_status"), updated_at=now)
+        )
+        claim_row = {
+            "job_name": job,
+            "holder_id": bindparam("lock_id"),
+            "worker": worker,
+            "lease_until": later,
+            "updated_at": now,
+        }
+        self.acquire_exclusive: Executable | None = None
+        self.claim: Executable
+        self.ensure_lease_row: Executable | None = None
+        if self.dialect_name == "postgresql":
+            # One statement: insert the tick row only while no live lease exists, and
+            # take the lease in the same statement for the row just inserted. The lease
+            # row's lock serialises concurrent claims; the WHERE re-checks its expiry.
+            cols = ["job_name", "job_identifier", "worker", "status", "created_at", "updated_at"]
+            tick = (
+                postgresql.insert(locks)
+                .from_select(
+                    cols,
+                    select(
+                        job,
+                        bindparam("job_identifier", type_=locks.c.job_identifier.type),
+                        worker,
+                        literal(Status.RUNNING.value),
+                        now,
+                        now,
+                    ).where(~exists().where(lc.job_name == job, lc.lease_until > now)),
+                )
+                .on_conflict_do_nothing(index_elements=[locks.c.job_name, locks.c.job_identifier])
+                .returning(locks.c.id)
+                .cte("tick")
+            )
+            take = postgresql.insert(leases).from_select(
+                ["job_name", "holder_id", "worker", "lease_until", "updated_at"],
+                select(job, tick.c.id, worker, later, now).select_from(tick),
+            )
+            claim = (
+                take.on_conflict_do_update(
+                    index_elements=[lc.job_name],
+                    set_={
+                        "holder_id": take.excluded.holder_id,
+                        "worker": take.excluded.worker,
+                        "lease_until": take.excluded.lease_until,
+                        "updated_at": take.excluded.updated_at,
+                    },
+                    where=lc.lease_until <= now,
+                )
+                .returning(lc.holder_id)
+                .cte("claim")
+            )
+            self.acquire_exclusive = select(
+                select(tick.c.id).scalar_subquery().label("tick_id"),
+                select(claim.c.holder_id).scalar_subquery().label("holder_id"),
+                exists().where(lc.job_name == job, lc.lease_until > now).label("live"),
+            )
+            self.claim = select(1)  # unused on PostgreSQL
+        elif self.dialect_name == "sqlite":
+            take_sqlite = sqlite.insert(leases).values(claim_row)
+            self.claim = take_sqlite.on_conflict_do_update(
+                index_elements=[lc.job_name],
+                set_={
+                    "holder_id": take_sqlite.excluded.holder_id,
+                    "worker": take_sqlite.excluded.worker,
+                    "lease_until": take_sqlite.excluded.lease_until,
+                    "updated_at": take_sqlite.excluded.updated_at,
+                },
+                where=lc.lease_until <= now,
+            ).returning(lc.holder_id)
+        else:
+            # MySQL has no conditional upsert that reports its outcome; an UPDATE on an
+            # existing row does (matched rows), so make sure the row exists first.
+            self.ensure_lease_row = (
+                mysql.insert(leases)
+                .values(
+                    job_name=job,
+                    holder_id=0,
+                    worker="",
+                    lease_until=literal_column("UTC_TIMESTAMP(6)"),
+                    updated_at=now,
+                )
+                .on_duplicate_key_update(job_name=lc.job_name)
+            )
+            self.claim = (
+                update(leases)
+                .where(lc.job_name == job, lc.lease_until <= now)
+                .values(
+                    holder_id=bindparam("lock_id"),
+                    worker=worker,
+                    lease_until=later,
+                    updated_at=now,
+                )
+            )
 
     def prune_batch(self, cutoff: datetime, limit: int) -> Delete:
         """Delete at most ``limit`` rows created before ``cutoff``, oldest first."""

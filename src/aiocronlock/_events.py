@@ -1,0 +1,73 @@
+"""What happened to a tick, for whoever subscribes: metrics, tracing, audit logs."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+logger = logging.getLogger("aiocronlock.events")
+
+
+class EventKind(enum.StrEnum):
+    ACQUIRED = "acquired"  #: this instance won the tick
+    LOST_RACE = "lost_race"  #: another instance has the tick
+    SKIPPED = "skipped"  #: not attempted or not run; ``reason`` says why
+    FINISHED = "finished"  #: the run ended normally
+    FAILED = "failed"  #: the run raised or was cancelled
+    LEASE_RENEWED = "lease_renewed"  #: an exclusive run extended its lease
+    LEASE_LOST = "lease_lost"  #: an exclusive run could not keep its lease
+    CLEANED = "cleaned"  #: old rows were pruned; ``rows`` says how many
+
+
+@dataclass(frozen=True, slots=True)
+class LockEvent:
+    """One event. Fields that do not apply to a kind are ``None``."""
+
+    kind: EventKind
+    worker: str
+    job_name: str | None = None
+    identifier: str | None = None
+    lock_id: int | None = None
+    #: For SKIPPED: "stale" (older than ttl), "running" (previous run still going
+    #: here) or "overlap" (another instance holds the job's lease).
+    reason: str | None = None
+    #: For CLEANED: rows deleted.
+    rows: int | None = None
+    #: The tick's scheduled time, when there is one.
+    run_time: datetime | None = None
+
+
+Subscriber = Callable[[LockEvent], None]
+
+
+class Events:
+    """A list of callbacks. A callback that raises is logged and does not stop the others."""
+
+    __slots__ = ("_subscribers",)
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def emit(self, event: LockEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("event subscriber %r failed on %s", callback, event.kind)
