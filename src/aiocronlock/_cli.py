@@ -1,9 +1,10 @@
-"""The ``aiocronlock`` command line: demo, init, history, prune."""
+"""The ``aiocronlock`` command line: demo, init, history, prune, release."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -100,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="delete runs older than --ttl now", parents=[common])
     prune.add_argument("--ttl", type=parse_duration, required=True, help="e.g. 7d, 12h, 90m")
 
+    release = commands.add_parser(
+        "release",
+        help="force-release the lease of a stuck exclusive job",
+        description=(
+            "End the live lease of an exclusive job whose holder is gone, and mark its "
+            "run LOST, so the next tick can run. Asks for confirmation unless --yes."
+        ),
+        parents=[common],
+    )
+    release.add_argument("job", help="the job name")
+    release.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     worker = commands.add_parser("_demo-worker", parents=[common])  # started by `demo`
     worker.add_argument("--worker", required=True)
     worker.add_argument("--jobs", type=_positive_int, required=True)
@@ -111,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a usage or database error)."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="aiocronlock: %(levelname)s: %(message)s")
     try:
         return asyncio.run(_dispatch(args))
     except (AiocronlockError, ValueError, TypeError, ModuleNotFoundError) as error:
@@ -162,9 +176,42 @@ async def _maintenance(args: argparse.Namespace) -> int:
         elif args.command == "prune":
             pruned = await locker.clean()
             console.print(f"deleted {pruned} run(s) older than {args.ttl} from {where}")
+        elif args.command == "release":
+            return await _release(locker, args.job, yes=args.yes, console=console)
         else:
             runs = await locker.history(job_name=args.job, limit=args.limit)
             console.print(_history_table(runs, title=f"recent runs in {where}"))
+            leases = [
+                lease
+                for lease in await locker.leases()
+                if args.job is None or lease.job_name == args.job
+            ]
+            if leases:
+                console.print(_lease_table(leases))
+    return 0
+
+
+async def _release(locker: Any, job: str, *, yes: bool, console: Any) -> int:
+    live = [lease for lease in await locker.leases() if lease.job_name == job and lease.live]
+    if not live:
+        console.print(f"{job!r} holds no live lease: nothing to release")
+        return 0
+    lease = live[0]
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ValueError("release: not a terminal, so no confirmation: pass --yes")
+        answer = await asyncio.to_thread(
+            input,
+            f"release the lease of {job!r} held by {lease.worker} (run {lease.holder_id}) "
+            f"until {lease.lease_until:%Y-%m-%d %H:%M:%S} UTC? [y/N] ",
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            console.print("left as it is")
+            return 1
+    if await locker.release(job):
+        console.print(f"released {job!r}; run {lease.holder_id} is marked LOST")
+    else:
+        console.print(f"{job!r} holds no live lease any more: nothing to release")
     return 0
 
 
@@ -178,10 +225,33 @@ def _console() -> Any:
     return Console()
 
 
+def _lease_table(leases: Sequence[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="leases of exclusive jobs", title_justify="left")
+    for column in ("job", "held by", "run", "lease until (UTC)", "state"):
+        table.add_column(column)
+    for lease in leases:
+        table.add_row(
+            lease.job_name,
+            lease.worker,
+            str(lease.holder_id),
+            lease.lease_until.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            "[yellow]live[/]" if lease.live else "[dim]expired[/]",
+        )
+    return table
+
+
 def _history_table(runs: Sequence[Any], *, title: str) -> Any:
     from rich.table import Table
 
-    styles = {"FINISHED": "green", "FAILED": "red", "RUNNING": "yellow"}
+    styles = {
+        "FINISHED": "green",
+        "FAILED": "red",
+        "RUNNING": "yellow",
+        "LOST": "bold red",
+        "SKIPPED": "dim",
+    }
     table = Table(title=title, title_justify="left")
     for column in ("id", "job", "tick", "worker", "status", "started (UTC)", "duration"):
         table.add_column(column, justify="right" if column in ("id", "duration") else "left")

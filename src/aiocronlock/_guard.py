@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from ._identifiers import Precision
@@ -27,6 +27,8 @@ def locked(
     name: str | None = None,
     *,
     scheduled_time: Callable[[], datetime | None] | None = None,
+    exclusive: bool = False,
+    lease: timedelta | float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | None]]]:
     """Decorator: call the function only if this instance wins the current tick.
 
@@ -38,6 +40,8 @@ def locked(
         function's module and qualified name.
     :param scheduled_time: returns the tick's scheduled time when the caller knows
         it (e.g. from the scheduler's context), or ``None`` to fall back.
+    :param exclusive: also skip while another run of the job holds its lease
+        (see ``AsyncDBLocker.lock``); ``lease`` defaults to the locker's.
     """
     if not isinstance(locker, AsyncDBLocker):
         raise TypeError(f"locker must be an AsyncDBLocker, not {type(locker).__name__}")
@@ -45,6 +49,7 @@ def locked(
         check_name("name", name)
     if scheduled_time is not None and not callable(scheduled_time):
         raise TypeError("scheduled_time must be a callable returning a datetime or None")
+    job_lease = locker._lease_for(exclusive, lease) if exclusive or lease else None
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | None]]:
         job_name = name if name is not None else f"{func.__module__}.{func.__qualname__}"
@@ -53,7 +58,7 @@ def locked(
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
             run_time = _tick_time(locker, scheduled_time)
-            lock = await locker.lock(job_name, run_time)
+            lock = await locker.lock(job_name, run_time, exclusive=exclusive, lease=job_lease)
             if lock is None:
                 return None
             async with lock:

@@ -66,6 +66,19 @@ class JobRun:
         return None if self.finished_at is None else self.finished_at - self.started_at
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The lease row of an exclusive job, as returned by :meth:`AsyncDBLocker.leases`."""
+
+    job_name: str
+    #: The id of the run holding (or last holding) the lease.
+    holder_id: int
+    worker: str
+    lease_until: datetime
+    #: Whether the lease had not expired, by the database's clock, when read.
+    live: bool
+
+
 def default_worker_name() -> str:
     """``<hostname>:<pid>``, which tells instances apart on one host and across hosts."""
     return f"{socket.gethostname()}:{os.getpid()}"[:255]
@@ -562,6 +575,51 @@ class AsyncDBLocker:
             ]
 
         return await self._run("history()", fetch)
+
+    async def leases(self) -> list[Lease]:
+        """The lease of every exclusive job that has run, live or expired."""
+
+        async def fetch(conn: AsyncConnection) -> list[Lease]:
+            rows = (await conn.execute(self._sql.list_leases)).all()
+            return [
+                Lease(
+                    job_name=row.job_name,
+                    holder_id=row.holder_id,
+                    worker=row.worker,
+                    lease_until=_aware(row.lease_until),
+                    live=bool(row.live),
+                )
+                for row in rows
+            ]
+
+        return await self._run("leases()", fetch)
+
+    async def release(self, job_name: str) -> bool:
+        """Force-release a stuck exclusive job: end its live lease, mark its run LOST.
+
+        For an operator, when a holder is known to be gone. Returns False when the
+        job had no live lease. A holder that is in fact still running will find its
+        lease gone at its next renewal and stop.
+        """
+        check_name("job_name", job_name)
+        sql = self._sql
+
+        async def release(conn: AsyncConnection) -> bool:
+            query = sql.list_leases.where(sql.leases.c.job_name == job_name)
+            lease = (await conn.execute(query)).first()
+            if lease is None or not lease.live:
+                return False
+            if (await conn.execute(sql.force_release, {"lease_job": job_name})).rowcount != 1:
+                return False
+            await conn.execute(
+                sql.mark, {"lock_id": lease.holder_id, "new_status": Status.LOST.value}
+            )
+            return True
+
+        released = await self._run(f"release({job_name!r})", release)
+        if released:
+            logger.info("the lease of %r was released by force", job_name)
+        return released
 
     async def _clean_tick(self, tick: datetime) -> int | None:
         """One interval of the background cleaner: prune if this instance wins the tick."""

@@ -40,6 +40,10 @@ class Job:
     trigger: Trigger
     #: Skip a tick on this instance while the previous run here is still going.
     skip_if_running: bool = True
+    #: Also skip a tick while a run on *any* instance holds the job's lease.
+    exclusive: bool = False
+    #: The lease of exclusive runs; ``None``: the locker's default.
+    lease: timedelta | None = None
     _runs: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     @property
@@ -98,8 +102,16 @@ class Scheduler:
         *,
         name: str | None = None,
         skip_if_running: bool = True,
+        exclusive: bool = False,
+        lease: timedelta | float | None = None,
     ) -> Job:
-        """Schedule ``func`` (a coroutine function, or a plain function run in a thread)."""
+        """Schedule ``func`` (a coroutine function, or a plain function run in a thread).
+
+        With ``exclusive=True`` a tick runs only if no run of the job holds a live
+        lease on any instance, so runs never overlap even when one outlives its
+        interval; ``lease`` (default: the locker's) bounds how long a crashed
+        holder blocks the job.
+        """
         if not callable(func):
             raise TypeError(f"func must be callable, not {type(func).__name__}")
         job_name = check_name("name", _default_name(func) if name is None else name)
@@ -116,7 +128,15 @@ class Scheduler:
                 f"locker with identifier=precision(timedelta(seconds="
                 f"{schedule.interval.total_seconds():g}))"
             )
-        job = Job(job_name, func, schedule, skip_if_running=skip_if_running)
+        job_lease = self.locker._lease_for(exclusive, lease) if exclusive or lease else None
+        job = Job(
+            job_name,
+            func,
+            schedule,
+            skip_if_running=skip_if_running,
+            exclusive=exclusive,
+            lease=job_lease,
+        )
         self._jobs[job_name] = job
         return job
 
@@ -126,12 +146,21 @@ class Scheduler:
         *,
         name: str | None = None,
         skip_if_running: bool = True,
+        exclusive: bool = False,
+        lease: timedelta | float | None = None,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function every ``interval``, aligned to the Unix epoch."""
         trigger = IntervalTrigger(interval)
 
         def decorate(func: JobFunction) -> JobFunction:
-            self.add_job(func, trigger, name=name, skip_if_running=skip_if_running)
+            self.add_job(
+                func,
+                trigger,
+                name=name,
+                skip_if_running=skip_if_running,
+                exclusive=exclusive,
+                lease=lease,
+            )
             return func
 
         return decorate
@@ -143,12 +172,21 @@ class Scheduler:
         name: str | None = None,
         tz: str | ZoneInfo = "UTC",
         skip_if_running: bool = True,
+        exclusive: bool = False,
+        lease: timedelta | float | None = None,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function on a five-field cron expression in time zone ``tz``."""
         trigger = CronTrigger(expression, tz)
 
         def decorate(func: JobFunction) -> JobFunction:
-            self.add_job(func, trigger, name=name, skip_if_running=skip_if_running)
+            self.add_job(
+                func,
+                trigger,
+                name=name,
+                skip_if_running=skip_if_running,
+                exclusive=exclusive,
+                lease=lease,
+            )
             return func
 
         return decorate
@@ -237,7 +275,9 @@ class Scheduler:
 
     async def _run_tick(self, job: Job, scheduled: datetime) -> None:
         try:
-            lock = await self.locker.lock(job.name, scheduled)
+            lock = await self.locker.lock(
+                job.name, scheduled, exclusive=job.exclusive, lease=job.lease
+            )
         except BackendError as error:
             # Fail closed: never run without the lock.
             logger.warning(

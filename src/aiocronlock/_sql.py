@@ -179,8 +179,17 @@ class Statements:
             .values(lease_until=now, updated_at=now)
         )
         self.force_release: Update = (
-            update(leases).where(lc.job_name == job).values(lease_until=now, updated_at=now)
+            update(leases)
+            .where(lc.job_name == job, lc.lease_until > now)
+            .values(lease_until=now, updated_at=now)
         )
+        self.list_leases: Select[Any] = select(
+            lc.job_name,
+            lc.holder_id,
+            lc.worker,
+            lc.lease_until,
+            (lc.lease_until > now).label("live"),
+        ).order_by(lc.job_name)
         self.mark: Update = (
             update(locks)
             .where(locks.c.id == bindparam("lock_id"), locks.c.status == Status.RUNNING.value)
