@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import socket
@@ -114,6 +115,8 @@ class AsyncDBLocker:
         ``BackendError``; a tick decided late is worth little.
     :param clock: the time source; tests pass ``aiocronlock.testing.FakeClock``.
     :param lease: the default lease of exclusive locks (``lock(..., exclusive=True)``).
+    :param telemetry: emit OpenTelemetry spans and metrics when ``opentelemetry-api``
+        is installed.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class AsyncDBLocker:
         clean_batch_size: int = DEFAULT_CLEAN_BATCH_SIZE,
         clock: Clock | None = None,
         lease: timedelta | float = timedelta(seconds=30),
+        telemetry: bool = True,
     ) -> None:
         self.worker = check_name("worker", default_worker_name() if worker is None else worker)
         if identifier is None:
@@ -173,6 +177,10 @@ class AsyncDBLocker:
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else self._engine
         self._sql = Statements(self.table, self._engine.dialect.name)
         self._target = describe(self._engine)
+        if telemetry and importlib.util.find_spec("opentelemetry") is not None:
+            from ._otel import instrument
+
+            instrument(self)
         self._clean_identifier = (
             precision(self.clean_interval) if self.clean_interval is not None else None
         )
