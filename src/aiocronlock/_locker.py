@@ -22,12 +22,13 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from sqlalchemy import MetaData, inspect
+from sqlalchemy import MetaData
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
 from ._clock import SYSTEM_CLOCK, Clock
+from ._deadline import Deadline
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._errors import BackendError
 from ._events import EventKind, Events, LockEvent, Subscriber
@@ -226,6 +227,8 @@ class AsyncDBLocker:
         """
         if self._closed:
             return
+        # Public methods refuse from here on; work already under way (the cleaner's
+        # last unlock, a cancelled lock() marking its row) may still finish.
         self._closed = True
         self._exit_stack = None
         cleaner, self._cleaner = self._cleaner, None
@@ -234,7 +237,14 @@ class AsyncDBLocker:
             with contextlib.suppress(asyncio.CancelledError):
                 await cleaner
         if self._owns_engine:
-            await self._engine.dispose()
+            try:
+                async with Deadline(self.timeout):
+                    await self._engine.dispose()
+            except TimeoutError:
+                logger.warning(
+                    "closing the database connections took over %g s; abandoned them",
+                    self.timeout,
+                )
 
     @property
     def closed(self) -> bool:
@@ -265,6 +275,7 @@ class AsyncDBLocker:
             the locker's ``lease``), renewed in the background while it is held.
         :raises BackendError: the database could not decide. Do not run the job.
         """
+        self._check_open()
         check_name("job_name", job_name)
         lease_for = self._lease_for(exclusive, lease)
         now = self.clock.now()
@@ -303,6 +314,7 @@ class AsyncDBLocker:
         so there it is one INSERT per job on one connection. Jobs whose tick another
         instance has are simply absent from the result.
         """
+        self._check_open()
         names = list(job_names)
         for name in names:
             check_name("job_names item", name)
@@ -355,7 +367,6 @@ class AsyncDBLocker:
         run_time: datetime,
         lease: timedelta | None = None,
     ) -> Lock | None:
-        self._check_open()
         params: dict[str, Any] = {
             "job_name": job_name,
             "job_identifier": identifier,
@@ -510,6 +521,8 @@ class AsyncDBLocker:
         On SQLite it also switches the file to WAL, so several processes can share it.
         """
 
+        self._check_open()
+
         async def create(conn: AsyncConnection) -> None:
             if self._engine.dialect.name == "sqlite":
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
@@ -518,15 +531,13 @@ class AsyncDBLocker:
                     await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
                     return
                 except Exception:
-                    # Another instance created it between our check and our CREATE.
-                    if attempt == 2 or not await conn.run_sync(self._table_exists):
+                    # Most likely another instance created one of the tables between our
+                    # check and our CREATE; checkfirst skips it on the next attempt.
+                    if attempt == 2:
                         raise
                     await asyncio.sleep(0.05 * (attempt + 1))
 
         await self._run("create_table()", create)
-
-    def _table_exists(self, sync_conn: Any) -> bool:
-        return bool(inspect(sync_conn).has_table(self.table.name, schema=self.table.schema))
 
     async def clean(self) -> int:
         """Delete rows older than ``ttl`` now, in batches; return how many were deleted.
@@ -534,6 +545,8 @@ class AsyncDBLocker:
         Ages are measured with the database's clock, so instances whose clocks differ
         prune the same rows.
         """
+
+        self._check_open()
 
         async def now(conn: AsyncConnection) -> datetime:
             return _aware((await conn.execute(self._sql.now)).scalar_one())
@@ -559,6 +572,7 @@ class AsyncDBLocker:
 
     async def history(self, job_name: str | None = None, limit: int = 50) -> list[JobRun]:
         """The most recent runs, newest first, of one job or of all jobs."""
+        self._check_open()
         if job_name is not None:
             check_name("job_name", job_name)
         if isinstance(limit, bool) or not isinstance(limit, int):
@@ -586,6 +600,7 @@ class AsyncDBLocker:
 
     async def leases(self) -> list[Lease]:
         """The lease of every exclusive job that has run, live or expired."""
+        self._check_open()
 
         async def fetch(conn: AsyncConnection) -> list[Lease]:
             rows = (await conn.execute(self._sql.list_leases)).all()
@@ -609,6 +624,7 @@ class AsyncDBLocker:
         job had no live lease. A holder that is in fact still running will find its
         lease gone at its next renewal and stop.
         """
+        self._check_open()
         check_name("job_name", job_name)
         sql = self._sql
 
@@ -646,6 +662,8 @@ class AsyncDBLocker:
         without a scheduled time) split when clocks differ by about the identifier
         precision. The offset is kept in ``clock_offset``; ``async with`` measures it.
         """
+
+        self._check_open()
 
         async def read(conn: AsyncConnection) -> tuple[datetime, datetime, datetime]:
             before = self.clock.now()
@@ -697,9 +715,8 @@ class AsyncDBLocker:
 
     async def _run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
-        self._check_open()
         try:
-            async with asyncio.timeout(self.timeout), self._engine.connect() as conn:
+            async with Deadline(self.timeout), self._engine.connect() as conn:
                 return await work(conn)
         except Exception as error:
             raise translate_error(
