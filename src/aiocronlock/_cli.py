@@ -166,9 +166,9 @@ async def _maintenance(args: argparse.Namespace) -> int:
 
     console = _console()
     ttl = args.ttl if args.command == "prune" else timedelta(days=1)
-    async with AsyncDBLocker(
-        args.url, table_name=args.table, ttl=ttl, clean_interval=None
-    ) as locker:
+    # Not `async with`: one-off commands need no cleaner and no clock check.
+    locker = AsyncDBLocker(args.url, table_name=args.table, ttl=ttl, clean_interval=None)
+    try:
         where = f"{locker.table.name} on {locker.engine.url.render_as_string(hide_password=True)}"
         if args.command == "init":
             await locker.create_table()
@@ -188,6 +188,8 @@ async def _maintenance(args: argparse.Namespace) -> int:
             ]
             if leases:
                 console.print(_lease_table(leases))
+    finally:
+        await locker.aclose()
     return 0
 
 

@@ -27,8 +27,8 @@ from ._locker import AsyncDBLocker
 from ._scheduler import Scheduler
 from ._triggers import IntervalTrigger
 
-#: Time given to the worker processes to start before the first counted tick.
-STARTUP_SECONDS = 3.0
+#: How long the worker processes may take to start before the demo gives up.
+STARTUP_LIMIT_SECONDS = 60.0
 _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 
@@ -52,8 +52,25 @@ async def run_worker(
             _demo_job(worker, interval), IntervalTrigger(interval), name=f"job-{number}"
         )
     async with locker, scheduler:
-        await asyncio.sleep(max(0.0, until - time.time()))
+        print(json.dumps({"ready": worker}), flush=True)
+        # Run until the parent closes our stdin (or, if it died, until `until`).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.time())):
+                await _stdin_closed()
     return 0
+
+
+async def _stdin_closed() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    try:
+        while await reader.read(4096):
+            pass
+    finally:
+        transport.close()
 
 
 def _demo_job(worker: str, interval: timedelta) -> Any:
@@ -76,10 +93,11 @@ class _Race:
     ticks: list[float]
     workers: list[str]
     runs: dict[tuple[str, float], list[str]] = field(default_factory=lambda: defaultdict(list))
+    ready: set[str] = field(default_factory=set)
     finished_rows: int | None = None
 
     def record(self, job: str, tick: float, worker: str) -> None:
-        if job in self.jobs and self.ticks[0] <= tick <= self.ticks[-1]:
+        if self.ticks and job in self.jobs and self.ticks[0] <= tick <= self.ticks[-1]:
             self.runs[job, round(tick, 6)].append(worker)
 
     def summary(self) -> dict[str, Any]:
@@ -113,16 +131,17 @@ async def run_demo(
         if url is None:
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="aiocronlock-"))
             url = f"sqlite:///{Path(folder) / 'demo.db'}"
-        async with AsyncDBLocker(url, table_name=table, clean_interval=None) as locker:
+        locker = AsyncDBLocker(url, table_name=table, clean_interval=None)
+        try:
             await locker.create_table()
-            first = math.ceil((time.time() + STARTUP_SECONDS) / step) * step
-            count = max(1, int(duration.total_seconds() // step))
             race = _Race(
                 jobs=[f"job-{n}" for n in range(1, jobs + 1)],
-                ticks=[first + i * step for i in range(count)],
+                ticks=[],
                 workers=[f"worker-{n}" for n in range(1, workers + 1)],
             )
-            until = race.ticks[-1] + step * 0.9
+            count = max(1, int(duration.total_seconds() // step))
+            # A bound in case this process dies and cannot close the workers' stdin.
+            until = time.time() + STARTUP_LIMIT_SECONDS + count * step + 30
             processes = [
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -141,6 +160,7 @@ async def run_demo(
                     f"{step}s",
                     "--until",
                     repr(until),
+                    stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
                 )
@@ -148,17 +168,33 @@ async def run_demo(
             ]
             readers = [asyncio.create_task(_read_runs(p, race)) for p in processes]
             errors = [asyncio.create_task(_read_all(p.stderr)) for p in processes]
-            if as_json:
-                await asyncio.gather(*readers)
+            if await _workers_ready(race, readers, as_json=as_json):
+                # Count ticks only from when every worker is up.
+                first = math.ceil((time.time() + 1.0) / step) * step
+                race.ticks = [first + i * step for i in range(count)]
+                stopper = asyncio.create_task(
+                    _close_stdin_at(processes, race.ticks[-1] + step * 0.9)
+                )
+                if as_json:
+                    await asyncio.gather(*readers)
+                else:
+                    await _show_live(race, readers, url)
+                await stopper
             else:
-                await _show_live(race, readers, url)
+                await _close_stdin_at(processes, 0.0)
+                await asyncio.gather(*readers)
             codes = [await p.wait() for p in processes]
             failures = [
                 f"{name} exited with status {code}: {(await err).strip()[-2000:]}"
                 for name, code, err in zip(race.workers, codes, errors, strict=True)
                 if code != 0
             ]
+            if not race.ticks:
+                failures.append(f"the workers did not all start within {STARTUP_LIMIT_SECONDS:g} s")
+                race.ticks = [time.time()]
             race.finished_rows = await _count_finished(locker, race)
+        finally:
+            await locker.aclose()
     summary = race.summary()
     if as_json:
         print(json.dumps(summary))
@@ -173,9 +209,42 @@ async def run_demo(
 async def _read_runs(process: asyncio.subprocess.Process, race: _Race) -> None:
     assert process.stdout is not None
     async for raw in process.stdout:
-        with contextlib.suppress(ValueError, KeyError):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             line = json.loads(raw)
-            race.record(line["job"], float(line["tick"]), line["worker"])
+            if "ready" in line:
+                race.ready.add(line["ready"])
+            else:
+                race.record(line["job"], float(line["tick"]), line["worker"])
+
+
+async def _workers_ready(race: _Race, readers: list[asyncio.Task[None]], *, as_json: bool) -> bool:
+    """Wait until every worker said it is scheduling; False if one exited or time ran out."""
+
+    async def wait() -> bool:
+        while len(race.ready) < len(race.workers):
+            if any(reader.done() for reader in readers):
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    try:
+        async with asyncio.timeout(STARTUP_LIMIT_SECONDS):
+            if as_json:
+                return await wait()
+            from rich.console import Console
+
+            with Console().status(f"starting {len(race.workers)} worker processes..."):
+                return await wait()
+    except TimeoutError:
+        return False
+
+
+async def _close_stdin_at(processes: list[asyncio.subprocess.Process], moment: float) -> None:
+    """Tell the workers to stop (by closing their stdin) once ``moment`` has passed."""
+    await asyncio.sleep(max(0.0, moment - time.time()))
+    for process in processes:
+        if process.stdin is not None and not process.stdin.is_closing():
+            process.stdin.close()
 
 
 async def _read_all(stream: asyncio.StreamReader | None) -> str:
