@@ -130,7 +130,7 @@ class AsyncDBLocker:
         clean_interval: timedelta | float | None = timedelta(minutes=5),
         table_name: str = DEFAULT_TABLE_NAME,
         schema: str | None = None,
-        timeout: float = 5.0,
+        timeout: timedelta | float = 5.0,
         clean_batch_size: int = DEFAULT_CLEAN_BATCH_SIZE,
         clock: Clock | None = None,
         lease: timedelta | float = timedelta(seconds=30),

@@ -72,6 +72,11 @@ class CronTrigger:
                 ) from error
         elif not isinstance(tz, ZoneInfo):
             raise TypeError(f"tz must be a str or a ZoneInfo, not {type(tz).__name__}")
+        if len(expression.split()) != 5:
+            raise ValueError(
+                f"cron expression {expression!r} must have five fields "
+                "(minute hour day-of-month month day-of-week), e.g. '*/5 * * * *'"
+            )
         try:
             cronsim.CronSim(expression, datetime.now(tz))
         except cronsim.CronSimError as error:
