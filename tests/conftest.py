@@ -9,16 +9,18 @@ where an unreachable server fails the run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, event, select
+from sqlalchemy import MetaData, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -74,10 +76,7 @@ class Backend:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     name: str = request.param
     table = f"t_{uuid.uuid4().hex[:12]}"
-    if name == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'locks.db'}"
-    else:
-        url = server_url(name)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'locks.db'}" if name == "sqlite" else server_url(name)
     backend = Backend(name=name, url=url, table_name=table)
     yield backend
     if name != "sqlite":
@@ -85,10 +84,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 
 async def _drop_table(url: str, table: str) -> None:
+    """Drop the test's table and every companion table ``lock_table`` defines with it."""
     engine = create_async_engine(url)
+    metadata = MetaData()
+    lock_table(metadata, name=table)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: Table(table, MetaData()).drop(sync, checkfirst=True))
+            await conn.run_sync(lambda sync: metadata.drop_all(sync, checkfirst=True))
     finally:
         await engine.dispose()
 
@@ -118,7 +120,9 @@ async def make_locker(backend: Backend, engine: AsyncEngine) -> AsyncIterator[Lo
     lockers: list[AsyncDBLocker] = []
     engines: list[AsyncEngine] = []
 
-    async def factory(*, own_engine: bool = False, create: bool = True, **kwargs: Any) -> AsyncDBLocker:
+    async def factory(
+        *, own_engine: bool = False, create: bool = True, **kwargs: Any
+    ) -> AsyncDBLocker:
         kwargs.setdefault("table_name", backend.table_name)
         kwargs.setdefault("clean_interval", None)
         target = engine
@@ -170,3 +174,35 @@ async def fetch_rows(engine: AsyncEngine, table: str) -> list[Any]:
     async with engine.connect() as conn:
         result = await conn.execute(select(locks).order_by(locks.c.id))
         return list(result.mappings().all())
+
+
+class LogWaiter(logging.Handler):
+    """Collects one logger's records so a test can await them instead of polling."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+        self._arrived = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._arrived.set()
+
+    async def wait_for(self, count: int) -> list[logging.LogRecord]:
+        """Wait until ``count`` records have arrived (bound it with ``asyncio.timeout``)."""
+        while len(self.records) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self.records
+
+
+@contextmanager
+def watch_log(name: str, level: int = logging.WARNING) -> Iterator[LogWaiter]:
+    """Attach a :class:`LogWaiter` to the logger ``name`` for the duration of the block."""
+    logger = logging.getLogger(name)
+    waiter = LogWaiter(level)
+    logger.addHandler(waiter)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)

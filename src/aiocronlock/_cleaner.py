@@ -32,6 +32,7 @@ async def run_cleaner(locker: AsyncDBLocker, interval: timedelta) -> None:
     while True:
         tick = steps.truncate(locker.clock.now()) + interval
         await locker.clock.sleep_until(tick)
+        locker._cleaner_idle.clear()  # aclose() lets this interval finish before cancelling
         try:
             deleted = await locker._clean_tick(tick)
         except Exception as error:
@@ -42,6 +43,8 @@ async def run_cleaner(locker: AsyncDBLocker, interval: timedelta) -> None:
                 error,
             )
             continue
+        finally:
+            locker._cleaner_idle.set()
         if deleted is None:
             logger.debug("another worker prunes the tick at %s", tick.isoformat())
         else:

@@ -79,23 +79,31 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
             url = url.update_query_dict({"charset": "utf8mb4"})
     elif backend == "sqlite":
         options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    not_async = ValueError(
+        f"engine: {url.drivername!r} is not an asyncio driver; use "
+        "postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
+    )
     try:
+        # The dialect class loads without its driver, so a sync driver is told apart
+        # from a missing one.
+        if not getattr(url.get_dialect(_is_async=True), "is_async", False):
+            raise not_async
         engine = create_async_engine(url, **options)
     except exc.NoSuchModuleError as error:
         raise ValueError(
             f"engine: no SQLAlchemy dialect for {url.drivername!r} in {_mask(url)!r}; "
             "use postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
         ) from error
+    except exc.ArgumentError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"engine: {_mask(url)!r} is not a usable URL: {first_line}") from error
     except ModuleNotFoundError as error:
         driver = url.get_driver_name()
         extra = _EXTRAS.get(driver)
         fix = f"pip install 'aiocronlock[{extra}]'" if extra else f"install {driver!r}"
         raise ValueError(f"engine: the driver {driver!r} is not installed: {fix}") from error
     except exc.InvalidRequestError as error:
-        raise ValueError(
-            f"engine: {url.drivername!r} is not an asyncio driver; use "
-            "postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
-        ) from error
+        raise not_async from error
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine

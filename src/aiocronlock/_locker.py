@@ -186,6 +186,8 @@ class AsyncDBLocker:
             precision(self.clean_interval) if self.clean_interval is not None else None
         )
         self._cleaner: asyncio.Task[None] | None = None
+        self._cleaner_idle = asyncio.Event()
+        self._cleaner_idle.set()
         self._started = False
         self._closed = False
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -233,6 +235,11 @@ class AsyncDBLocker:
         self._exit_stack = None
         cleaner, self._cleaner = self._cleaner, None
         if cleaner is not None:
+            # Cancelling a query midway can strand its connection in some drivers:
+            # let an interval in progress end first (bounded), then cancel the sleep.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2 * self.timeout):
+                    await self._cleaner_idle.wait()
             cleaner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cleaner
@@ -524,10 +531,10 @@ class AsyncDBLocker:
         self._check_open()
 
         async def create(conn: AsyncConnection) -> None:
-            if self._engine.dialect.name == "sqlite":
-                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             for attempt in range(3):
                 try:
+                    if self._engine.dialect.name == "sqlite":
+                        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
                     return
                 except Exception:

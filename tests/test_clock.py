@@ -1,0 +1,98 @@
+"""Clocks: the database's compared with this instance's, and the fake clock for tests."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from aiocronlock import CronTrigger, Scheduler
+from aiocronlock.testing import FakeClock, memory_locker
+from conftest import Backend, LockerFactory
+
+
+def _clock_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aiocronlock" and r.levelno >= logging.WARNING and "clock" in r.getMessage()
+    ]
+
+
+async def test_starting_measures_the_offset_from_the_database_clock(
+    backend: Backend, make_locker: LockerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiocronlock")
+    locker = await make_locker(create=False)  # comparing clocks needs no table
+    assert locker.clock_offset is None
+
+    async with locker:
+        offset = locker.clock_offset
+        assert offset is not None
+        assert abs(offset) < timedelta(seconds=1)
+        again = await locker.check_clock()
+
+    assert abs(again) < timedelta(seconds=1)
+    assert locker.clock_offset == again
+    assert _clock_warnings(caplog) == []
+
+
+async def test_a_clock_ten_seconds_ahead_is_reported_on_start(
+    backend: Backend, make_locker: LockerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiocronlock")
+    clock = FakeClock(datetime.now(UTC) + timedelta(seconds=10))
+    locker = await make_locker(create=False, clock=clock)
+
+    async with locker:
+        pass
+
+    # Database minus this instance: the instance is ahead, so the offset is negative.
+    assert locker.clock_offset is not None
+    assert abs(locker.clock_offset + timedelta(seconds=10)) < timedelta(seconds=1)
+    (warning,) = _clock_warnings(caplog)
+    said = re.search(r"differs from the database's by (-?[\d.]+) s", warning)
+    assert said is not None, warning
+    assert abs(float(said[1]) + 10) < 1
+    assert "synchronise the clocks" in warning
+
+
+async def test_the_fake_clock_runs_a_quarter_hour_of_jobs_without_waiting() -> None:
+    clock = FakeClock(datetime(2025, 1, 1, tzinfo=UTC))
+    reports: list[datetime] = []
+    beats: list[datetime] = []
+    started = time.monotonic()
+
+    async with memory_locker(clock=clock) as locker:
+        scheduler = Scheduler(locker, clock=clock)
+
+        async def report() -> None:
+            reports.append(clock.now())
+
+        scheduler.add_job(report, CronTrigger("*/5 * * * *"), name="report")
+
+        @scheduler.every(timedelta(minutes=1), name="heartbeat")
+        async def heartbeat() -> None:
+            beats.append(clock.now())
+
+        async with scheduler:
+            await clock.advance(timedelta(minutes=15))
+
+        report_runs = await locker.history(job_name="report")
+        beat_runs = await locker.history(job_name="heartbeat")
+
+    assert time.monotonic() - started < 5
+    assert reports == [datetime(2025, 1, 1, 0, m, tzinfo=UTC) for m in (5, 10, 15)]
+    assert beats == [datetime(2025, 1, 1, 0, m, tzinfo=UTC) for m in range(1, 16)]
+    assert [run.identifier for run in reversed(report_runs)] == [
+        "2025-01-01T00:05:00Z",
+        "2025-01-01T00:10:00Z",
+        "2025-01-01T00:15:00Z",
+    ]
+    assert [run.identifier for run in reversed(beat_runs)] == [
+        f"2025-01-01T00:{m:02d}:00Z" for m in range(1, 16)
+    ]
+    assert {run.status for run in report_runs + beat_runs} == {"FINISHED"}
