@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,9 +46,6 @@ _T = TypeVar("_T")
 #: Rows deleted per statement when pruning: small enough that no single DELETE
 #: holds its locks for long, so ``lock()`` calls interleave with a large prune.
 DEFAULT_CLEAN_BATCH_SIZE = 2000
-#: Rows per multi-row INSERT in lock_many(): within SQLite's and PostgreSQL's limits
-#: on bound parameters per statement.
-_MANY_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +82,6 @@ class Lease:
 def default_worker_name() -> str:
     """``<hostname>:<pid>``, which tells instances apart on one host and across hosts."""
     return f"{socket.gethostname()}:{os.getpid()}"[:255]
-
-
-def _numbered(rows: list[dict[str, str]]) -> dict[str, str]:
-    """Bind parameters for a multi-row insert: ``job_name_0``, ``job_identifier_0``, ..."""
-    return {f"{key}_{i}": value for i, row in enumerate(rows) for key, value in row.items()}
 
 
 def _aware(value: datetime) -> datetime:
@@ -177,6 +170,12 @@ class AsyncDBLocker:
             )
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else self._engine
         self._sql = Statements(self.table, self._engine.dialect.name)
+        # SQLite has one writer at a time: queue this process's statements in order
+        # instead of letting each wait in SQLite's busy loop, which backs off in
+        # growing sleeps. Other backends need no such thing.
+        self._serial: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if self._sql.dialect_name == "sqlite" else contextlib.nullcontext()
+        )
         self._target = describe(self._engine)
         if telemetry and importlib.util.find_spec("opentelemetry") is not None:
             from ._otel import instrument
@@ -339,15 +338,9 @@ class AsyncDBLocker:
 
         async def insert(conn: AsyncConnection) -> dict[str, int]:
             won: dict[str, int] = {}
-            if self._sql.acquire_returns_id:
-                # Chunks keep each statement under the drivers' bound-parameter limits.
-                for start in range(0, len(rows), _MANY_CHUNK):
-                    chunk = rows[start : start + _MANY_CHUNK]
-                    result = await conn.execute(
-                        self._sql.acquire_many(len(chunk)), _numbered(chunk)
-                    )
-                    won.update({row.job_name: row.id for row in result})
-                return won
+            if self._sql.acquire_returning_job is not None:
+                result = await conn.execute(self._sql.acquire_returning_job, rows)
+                return {row.job_name: row.id for row in result}
             for row in rows:
                 row_id = (await conn.execute(self._sql.acquire, row)).lastrowid
                 if row_id:
@@ -566,11 +559,13 @@ class AsyncDBLocker:
 
         total = 0
         while True:
+            batch_started = time.monotonic()
             deleted = await self._run("clean()", prune)
             total += deleted
             if deleted < self.clean_batch_size:
                 break
-            await asyncio.sleep(0)  # let lock() calls in between
+            # Leave the database to lock() calls between batches, as long as a batch took.
+            await asyncio.sleep(min(time.monotonic() - batch_started, 0.1))
         if total:
             logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
         if self.events:
@@ -723,7 +718,7 @@ class AsyncDBLocker:
     async def _run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
         try:
-            async with Deadline(self.timeout), self._engine.connect() as conn:
+            async with Deadline(self.timeout), self._serial, self._engine.connect() as conn:
                 return await work(conn)
         except Exception as error:
             raise translate_error(

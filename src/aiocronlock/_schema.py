@@ -6,6 +6,7 @@ import enum
 from typing import Any
 
 from sqlalchemy import (
+    VARBINARY,
     BigInteger,
     Column,
     DateTime,
@@ -17,7 +18,6 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeEngine
 
@@ -55,7 +55,7 @@ class ExactText(TypeDecorator[str]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.VARBINARY(MAX_NAME_LENGTH * 4))
+            return dialect.type_descriptor(VARBINARY(MAX_NAME_LENGTH * 4))
         return dialect.type_descriptor(String(MAX_NAME_LENGTH))
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
@@ -71,7 +71,9 @@ class ExactText(TypeDecorator[str]):
 
 def _timestamp() -> TypeEngine[Any]:
     # Microsecond precision everywhere; MySQL's DATETIME would otherwise keep whole seconds.
-    return DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+    from sqlalchemy.dialects.mysql import DATETIME  # here: the dialect is slow to import
+
+    return DateTime(timezone=True).with_variant(DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def lock_table(

@@ -29,7 +29,6 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from ._schema import LEASES_SUFFIX, Status, _timestamp
 
@@ -79,6 +78,9 @@ class Statements:
     """The statements of one locker: table and backend fixed, values bound at run time."""
 
     def __init__(self, table: Table, dialect_name: str) -> None:
+        # Dialect modules load here, for the one backend in use, not at import time.
+        from sqlalchemy.dialects import mysql, postgresql, sqlite
+
         if dialect_name not in SUPPORTED_DIALECTS:
             raise ValueError(
                 f"unsupported database {dialect_name!r}: aiocronlock works with "
@@ -101,20 +103,18 @@ class Statements:
         #: new id when the row was inserted, 0 when the key already existed.
         self.acquire_returns_id = dialect_name not in MYSQL_DIALECTS
         self.acquire: Executable
-        if dialect_name == "postgresql":
-            self.acquire = (
-                postgresql.insert(table)
+        #: ``acquire`` returning the job name too, for lock_many(): executed with a list
+        #: of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues").
+        self.acquire_returning_job: Executable | None = None
+        if dialect_name in ("postgresql", "sqlite"):
+            dialect_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+            ignoring = (
+                dialect_insert(table)
                 .values(row)
                 .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
-                .returning(c.id)
             )
-        elif dialect_name == "sqlite":
-            self.acquire = (
-                sqlite.insert(table)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
-                .returning(c.id)
-            )
+            self.acquire = ignoring.returning(c.id)
+            self.acquire_returning_job = ignoring.returning(c.id, c.job_name)
         else:
             # A no-op update on conflict, rather than INSERT IGNORE: IGNORE would also
             # downgrade other errors to warnings, and a warning makes the driver send
@@ -130,32 +130,9 @@ class Statements:
         self.now: Select[datetime] = select(now)
         self._build_lease_statements()
 
-    def acquire_many(self, count: int) -> Executable:
-        """A multi-row version of ``acquire`` (PostgreSQL and SQLite) returning id and job.
-
-        Parameters are numbered per row: ``job_name_0``, ``job_identifier_0``, ``worker_0``...
-        """
-        c = self.table.c
-        rows = [
-            {
-                "job_name": bindparam(f"job_name_{i}", type_=c.job_name.type),
-                "job_identifier": bindparam(f"job_identifier_{i}", type_=c.job_identifier.type),
-                "worker": bindparam(f"worker_{i}", type_=c.worker.type),
-                "status": Status.RUNNING.value,
-                "created_at": self._now,
-                "updated_at": self._now,
-            }
-            for i in range(count)
-        ]
-        insert = postgresql.insert if self.dialect_name == "postgresql" else sqlite.insert
-        return (
-            insert(self.table)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
-            .returning(c.id, c.job_name)
-        )
-
     def _build_lease_statements(self) -> None:
+        from sqlalchemy.dialects import mysql, postgresql, sqlite
+
         locks = self.table
         leases = locks.metadata.tables[locks.key + LEASES_SUFFIX]
         lc = leases.c
@@ -290,6 +267,8 @@ class Statements:
 
     def prune_batch(self, cutoff: datetime, limit: int) -> Delete:
         """Delete at most ``limit`` rows created before ``cutoff``, oldest first."""
+        from sqlalchemy.dialects import mysql
+
         c = self.table.c
         if self.dialect_name in MYSQL_DIALECTS:
             return delete(self.table).where(c.created_at < cutoff).ext(mysql.limit(limit))
