@@ -122,7 +122,13 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
 
 def translate_error(
-    error: BaseException, operation: str, *, target: str, table: str, timeout: float | None
+    error: BaseException,
+    operation: str,
+    *,
+    target: str,
+    table: str,
+    timeout: float | None,
+    disconnected: bool = False,
 ) -> BackendError:
     """A ``BackendError`` for ``error``, which the caller chains as its cause."""
     if isinstance(error, TimeoutError):
@@ -137,7 +143,7 @@ def translate_error(
     text = str(original).strip().splitlines()[0] if str(original).strip() else ""
     reason = f"{type(original).__name__}: {text}" if text else type(original).__name__
     hint = None
-    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+    if disconnected or (isinstance(error, exc.DBAPIError) and error.connection_invalidated):
         hint = "the connection was lost; the next call reconnects"
     return BackendError(f"{operation} on {target}", reason, hint=hint)
 

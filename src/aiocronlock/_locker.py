@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
 from ._clock import SYSTEM_CLOCK, Clock
 from ._deadline import Deadline
+from ._driver import DriverAcquire, lost_connection
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._errors import BackendError
 from ._events import EventKind, Events, LockEvent, Subscriber
@@ -170,6 +171,9 @@ class AsyncDBLocker:
             )
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else self._engine
         self._sql = Statements(self.table, self._engine.dialect.name)
+        self._driver_acquire = DriverAcquire.for_engine(
+            self._engine, self._sql.acquire, owned=self._owns_engine
+        )
         # SQLite has one writer at a time: queue this process's statements in order
         # instead of letting each wait in SQLite's busy loop, which backs off in
         # growing sleeps. Other backends need no such thing.
@@ -380,17 +384,23 @@ class AsyncDBLocker:
                 return row_id, False
             return result.lastrowid or None, False
 
-        decide = insert
+        operation = f"lock({job_name!r})"
+        deciding: Awaitable[tuple[int | None, bool]]
         if lease is not None:
             params["lease"] = lease_param(self._sql.dialect_name, lease)
             params["lease_job"] = job_name
             params["lease_worker"] = self.worker
-            decide = functools.partial(self._decide_exclusive, params=params)
+            exclusive = functools.partial(self._decide_exclusive, params=params)
+            deciding = self._run(operation, exclusive)
+        elif self._driver_acquire is not None:
+            deciding = self._run_driver(operation, job_name, identifier)
+        else:
+            deciding = self._run(operation, insert)
 
         # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
         # (within the timeout) and a row we won is marked FAILED, never left RUNNING
         # with nobody running it.
-        attempt = asyncio.ensure_future(self._run(f"lock({job_name!r})", decide))
+        attempt = asyncio.ensure_future(deciding)
         try:
             row_id, overlap = await asyncio.shield(attempt)
         except asyncio.CancelledError:
@@ -727,6 +737,24 @@ class AsyncDBLocker:
                 target=self._target,
                 table=self.table.name,
                 timeout=self.timeout,
+            ) from error
+
+    async def _run_driver(
+        self, operation: str, job_name: str, identifier: str
+    ) -> tuple[int | None, bool]:
+        """The plain acquire through the driver (see _driver.py), with _run's guarantees."""
+        assert self._driver_acquire is not None
+        try:
+            async with Deadline(self.timeout), self._serial:
+                return await self._driver_acquire(job_name, identifier, self.worker), False
+        except Exception as error:
+            raise translate_error(
+                error,
+                operation,
+                target=self._target,
+                table=self.table.name,
+                timeout=self.timeout,
+                disconnected=lost_connection(error),
             ) from error
 
     def __repr__(self) -> str:

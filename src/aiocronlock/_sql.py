@@ -13,6 +13,7 @@ from sqlalchemy import (
     ColumnElement,
     Delete,
     Executable,
+    Insert,
     Integer,
     Interval,
     Select,
@@ -102,7 +103,7 @@ class Statements:
         #: MariaDB the id comes back as lastrowid in the same round trip instead: the
         #: new id when the row was inserted, 0 when the key already existed.
         self.acquire_returns_id = dialect_name not in MYSQL_DIALECTS
-        self.acquire: Executable
+        self.acquire: Insert
         #: ``acquire`` returning the job name too, for lock_many(): executed with a list
         #: of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues").
         self.acquire_returning_job: Executable | None = None
