@@ -1,0 +1,8 @@
+"""Entry point: ``python -m benchmarks --help``."""
+
+from __future__ import annotations
+
+from ._cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The databases under test: URLs, this run's table names, and their setup and teardown."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from aiocronlock import AsyncDBLocker, lock_table
+
+BACKENDS = ("postgresql", "mysql", "sqlite")
+#: The worker name every contender stores, so the raw driver sends the very same values.
+WORKER = "bench"
+
+DEFAULT_URLS = {
+    "postgresql": os.environ.get(
+        "AIOCRONLOCK_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    ),
+    "mysql": os.environ.get(
+        "AIOCRONLOCK_BENCH_MYSQL_URL", "mysql+asyncmy://root@127.0.0.1:3306/test"
+    ),
+}
+
+#: What the raw-driver contender is called in the tables.
+RAW_NAMES = {"postgresql": "raw asyncpg", "mysql": "raw asyncmy", "sqlite": "raw aiosqlite"}
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One database, and the table name this run owns on it (``bench_<random>``)."""
+
+    name: str
+    url: str
+    table: str
+
+    @property
+    def raw_name(self) -> str:
+        return RAW_NAMES[self.name]
+
+    @property
+    def sqlite_path(self) -> str:
+        database = make_url(self.url).database
+        assert self.name == "sqlite" and database
+        return database
+
+    def locker(self, table: str | None = None, **kwargs: Any) -> AsyncDBLocker:
+        """A locker built from the URL: the documented fast path, owning its engine."""
+        kwargs.setdefault("clean_interval", None)
+        return AsyncDBLocker(self.url, table_name=table or self.table, worker=WORKER, **kwargs)
+
+    def engine(self, **kwargs: Any) -> AsyncEngine:
+        """A plain SQLAlchemy engine on this database (setup, teardown, the ORM contender)."""
+        if self.name == "sqlite":
+            kwargs.setdefault("connect_args", {"timeout": 30.0})
+        return create_async_engine(self.url, **kwargs)
+
+
+def new_table_name() -> str:
+    return f"bench_{secrets.token_hex(5)}"
+
+
+def make_backend(name: str, url: str | None, sqlite_dir: Path, table: str) -> Backend:
+    if name == "sqlite":
+        url = f"sqlite+aiosqlite:///{sqlite_dir / 'bench.db'}"
+    elif url is None:
+        url = DEFAULT_URLS[name]
+    return Backend(name=name, url=url, table=table)
+
+
+def unreachable(url: str) -> str | None:
+    """Why a server URL cannot be reached, or ``None`` when it can (SQLite always can)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return None
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 0), timeout=2):
+            return None
+    except OSError as error:
+        where = parsed.render_as_string(hide_password=True)
+        return f"{where}: {error}"
+
+
+async def drop_tables(backend: Backend, *tables: str) -> None:
+    """Drop lock tables and whatever companion tables ``lock_table`` defines with them."""
+    metadata = MetaData()
+    for name in tables:
+        lock_table(metadata, name=name)
+    engine = backend.engine()
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.drop_all, checkfirst=True)
+    finally:
+        await engine.dispose()
+
+
+async def server_version(backend: Backend) -> str:
+    if backend.name == "sqlite":
+        return f"SQLite {sqlite3.sqlite_version}"
+    engine = backend.engine()
+    try:
+        async with engine.connect() as conn:
+            version = (await conn.exec_driver_sql("SELECT version()")).scalar_one()
+    finally:
+        await engine.dispose()
+    text = str(version)
+    if backend.name == "postgresql":
+        return " ".join(text.split()[:2])
+    return f"MariaDB {text}" if "mariadb" in text.lower() else f"MySQL {text}"

@@ -1,0 +1,257 @@
+"""Pruning (benchmark e): ``clean()`` on a big table, and ``lock()`` while it runs.
+
+The table of its own holds ``expired`` rows older than the locker's ``ttl`` (a
+million in the full run) and ``expired / 100`` live ones, bulk-loaded by the
+database itself: ``generate_series`` on PostgreSQL, the sequence engine's
+``seq_1_to_N`` on MariaDB (a doubling numbers table elsewhere), a recursive CTE on
+SQLite. Rows go in oldest first, as a real table fills.
+
+Measured: ``lock()`` latency on fresh ticks with the table idle, then the same
+while ``clean()`` empties it on the same locker and event loop (as the background
+cleaner would); the time ``clean()`` takes; and every DELETE statement's duration,
+from SQLAlchemy's ``before_cursor_execute``/``after_cursor_execute`` events on the
+locker's engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from aiocronlock import AsyncDBLocker
+
+from ._backends import Backend
+from ._stats import Latency, Ratio, Section, ms, ratio, times
+
+#: The issue's targets: lock() p99 during pruning at most this multiple of its idle p99,
+P99_TARGET = 2.0
+#: and no single DELETE statement longer than this.
+DELETE_TARGET_MS = 100.0
+TTL = timedelta(days=1)
+
+_COLUMNS = "job_name, job_identifier, worker, status, created_at, updated_at"
+
+
+async def _load_postgresql(conn: AsyncConnection, table: str, expired: int, live: int) -> None:
+    for prefix, count, status, age in (
+        ("expired", expired, "FINISHED", "interval '2 days'"),
+        ("live", live, "RUNNING", "interval '0 seconds'"),
+    ):
+        await conn.exec_driver_sql(
+            f"INSERT INTO {table} ({_COLUMNS}) "
+            f"SELECT '{prefix}-' || (g % 100), 'tick-' || g, 'bench-loader', '{status}', "
+            f"now() - {age} - ({count} - g) * interval '1 millisecond', "
+            f"now() - {age} - ({count} - g) * interval '1 millisecond' "
+            f"FROM generate_series(1, {count}) AS g"
+        )
+    await conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+async def _mysql_numbers(conn: AsyncConnection, table: str, count: int) -> tuple[str, str]:
+    """A row source of ``seq`` = 1..count: MariaDB's sequence engine, else a doubled table."""
+    try:
+        await conn.exec_driver_sql("SELECT seq FROM seq_1_to_1")
+        return f"seq_1_to_{count}", ""
+    except Exception:
+        numbers = f"{table}_n"
+        await conn.exec_driver_sql(f"CREATE TABLE {numbers} (seq INT PRIMARY KEY)")
+        await conn.exec_driver_sql(f"INSERT INTO {numbers} VALUES (1)")
+        size = 1
+        while size < count:
+            await conn.exec_driver_sql(
+                f"INSERT INTO {numbers} SELECT seq + {size} FROM {numbers} "
+                f"WHERE seq + {size} <= {count}"
+            )
+            size *= 2
+        return numbers, numbers
+
+
+async def _load_mysql(conn: AsyncConnection, table: str, expired: int, live: int) -> None:
+    source, temporary = await _mysql_numbers(conn, table, max(expired, live))
+    try:
+        for prefix, count, status, age in (
+            ("expired", expired, "FINISHED", "INTERVAL 2 DAY"),
+            ("live", live, "RUNNING", "INTERVAL 0 SECOND"),
+        ):
+            stamp = f"UTC_TIMESTAMP(6) - {age} - INTERVAL ({count} - seq) * 1000 MICROSECOND"
+            await conn.exec_driver_sql(
+                f"INSERT INTO {table} ({_COLUMNS}) "
+                f"SELECT CONCAT('{prefix}-', MOD(seq, 100)), CONCAT('tick-', seq), 'bench-loader', "
+                f"'{status}', {stamp}, {stamp} FROM {source} WHERE seq <= {count}"
+            )
+    finally:
+        if temporary:
+            await conn.exec_driver_sql(f"DROP TABLE {temporary}")
+    await conn.exec_driver_sql(f"ANALYZE TABLE {table}")
+
+
+async def _load_sqlite(conn: AsyncConnection, table: str, expired: int, live: int) -> None:
+    for prefix, count, status, age in (
+        ("expired", expired, "FINISHED", "-2 days"),
+        ("live", live, "RUNNING", "-0 days"),
+    ):
+        stamp = (
+            f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{age}', "
+            f"'-' || (({count} - n) / 1000.0) || ' seconds')"
+        )
+        await conn.exec_driver_sql(
+            f"WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {count}) "
+            f"INSERT INTO {table} ({_COLUMNS}) "
+            f"SELECT '{prefix}-' || (n % 100), 'tick-' || n, 'bench-loader', '{status}', "
+            f"{stamp}, {stamp} FROM g"
+        )
+    await conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+_LOADERS = {"postgresql": _load_postgresql, "mysql": _load_mysql, "sqlite": _load_sqlite}
+
+
+async def load(backend: Backend, table: str, expired: int, live: int) -> float:
+    """Bulk-load the table; return the seconds it took."""
+    engine = backend.engine(isolation_level="AUTOCOMMIT")
+    start = time.perf_counter()
+    try:
+        async with engine.connect() as conn:
+            await _LOADERS[backend.name](conn, table, expired, live)
+    finally:
+        await engine.dispose()
+    return time.perf_counter() - start
+
+
+class StatementTimer:
+    """Durations of the DELETE statements an engine sends, from its cursor events."""
+
+    def __init__(self, locker: AsyncDBLocker) -> None:
+        self.deletes_ns: list[int] = []
+        self._engine = locker.engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._before)
+        event.listen(self._engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        conn.info["bench_started_ns"] = time.perf_counter_ns()
+
+    def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        started = conn.info.pop("bench_started_ns", None)
+        if started is not None and statement.lstrip().upper().startswith("DELETE"):
+            self.deletes_ns.append(time.perf_counter_ns() - started)
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._before)
+        event.remove(self._engine, "after_cursor_execute", self._after)
+
+
+async def _probe(locker: AsyncDBLocker, prefix: str, run_time: datetime, out: list[int]) -> None:
+    job = f"{prefix}-{len(out)}"
+    start = time.perf_counter_ns()
+    lock = await locker.lock(job, run_time)
+    out.append(time.perf_counter_ns() - start)
+    if lock is None:
+        raise RuntimeError(f"probe {job!r} lost a fresh tick")
+
+
+async def run(
+    backend: Backend, *, expired: int, probes: int, batch_size: int | None = None
+) -> Section:
+    """``batch_size`` overrides the locker's ``clean_batch_size`` (default: the library's)."""
+    table = f"{backend.table}_prune"
+    live = max(1, expired // 100)
+    options = {} if batch_size is None else {"clean_batch_size": batch_size}
+    locker = backend.locker(table=table, ttl=TTL, **options)
+    timer: StatementTimer | None = None
+    try:
+        await locker.create_table()
+        load_s = await load(backend, table, expired, live)
+        run_time = datetime.now(UTC)
+        warm: list[int] = []
+        for _ in range(min(50, probes)):
+            await _probe(locker, "warm", run_time, warm)
+
+        idle: list[int] = []
+        for _ in range(probes):
+            await _probe(locker, "idle", run_time, idle)
+
+        timer = StatementTimer(locker)
+        busy: list[int] = []
+
+        async def timed_clean() -> tuple[int, float]:
+            start = time.perf_counter()
+            deleted = await locker.clean()
+            return deleted, time.perf_counter() - start
+
+        cleaning = asyncio.create_task(timed_clean())
+        while not cleaning.done():
+            await _probe(locker, "busy", run_time, busy)
+        deleted, clean_s = await cleaning
+        if deleted != expired:
+            raise RuntimeError(f"clean() deleted {deleted} rows, expected the {expired} expired")
+    finally:
+        if timer is not None:
+            timer.close()
+        await locker.aclose()
+
+    idle_lat, busy_lat = Latency.of_ns(idle), Latency.of_ns(busy)
+    deletes = Latency.of_ns(timer.deletes_ns)
+    p99_ratio = ratio(busy_lat.p99, idle_lat.p99)
+    return Section(
+        benchmark="prune",
+        backend=backend.name,
+        title=(
+            f"clean() of {expired:,} expired rows ({live:,} live) in batches of "
+            f"{locker.clean_batch_size}; lock() latency idle vs during clean()"
+        ),
+        columns=["what", "n", "p50 ms", "p99 ms", "max ms", "ratio"],
+        rows=[
+            [
+                "lock() idle",
+                str(idle_lat.n),
+                ms(idle_lat.p50),
+                ms(idle_lat.p99),
+                ms(idle_lat.max),
+                "1.00x",
+            ],
+            [
+                "lock() during clean()",
+                str(busy_lat.n),
+                ms(busy_lat.p50),
+                ms(busy_lat.p99),
+                ms(busy_lat.max),
+                times(p99_ratio),
+            ],
+            [
+                "DELETE statement",
+                str(deletes.n),
+                ms(deletes.p50),
+                ms(deletes.p99),
+                ms(deletes.max),
+                "-",
+            ],
+            ["clean() total", "1", "-", "-", ms(clean_s * 1000), "-"],
+            ["bulk load", "1", "-", "-", ms(load_s * 1000), "-"],
+        ],
+        ratios=[
+            Ratio("prune", backend.name, "lock() p99 during/idle", p99_ratio, P99_TARGET),
+            Ratio(
+                "prune",
+                backend.name,
+                "longest DELETE",
+                deletes.max,
+                DELETE_TARGET_MS,
+                unit=" ms",
+            ),
+        ],
+        figures={
+            "expired_rows": expired,
+            "live_rows": live,
+            "batch_size": locker.clean_batch_size,
+            "load_s": load_s,
+            "clean_s": clean_s,
+            "lock_idle": idle_lat.as_dict(),
+            "lock_during_clean": busy_lat.as_dict(),
+            "delete_statements": deletes.as_dict(),
+        },
+    )
