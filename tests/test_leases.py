@@ -328,8 +328,6 @@ async def _stall_the_holder(backend: Backend, make_locker: LockerFactory) -> Sta
 
     The proxy resumes as soon as a reports its lease lost, so that a can record LOST.
     """
-    if backend.is_sqlite:
-        pytest.skip("the proxy sits in front of a server; SQLite has no connection to stall")
     loop = asyncio.get_running_loop()
     job = f"stalled-{uuid.uuid4().hex[:8]}"
     t1 = tick()
@@ -390,6 +388,8 @@ async def _stall_the_holder(backend: Backend, make_locker: LockerFactory) -> Sta
     )
 
 
+# The proxy sits in front of a server: SQLite has no connection to stall.
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
 async def test_stalled_renewals_stop_the_run_and_free_the_next_tick(
     backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
 ) -> None:
@@ -413,6 +413,8 @@ async def test_stalled_renewals_stop_the_run_and_free_the_next_tick(
     )
 
 
+# The proxy sits in front of a server: SQLite has no connection to stall.
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
 async def test_a_stalled_run_is_stopped_before_another_instance_takes_the_job(
     backend: Backend, make_locker: LockerFactory
 ) -> None:

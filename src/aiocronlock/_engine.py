@@ -72,10 +72,11 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
         "isolation_level": "AUTOCOMMIT",
         # A connection in autocommit has nothing to roll back when it returns to the pool.
         "skip_autocommit_rollback": True,
-        # Enough connections for a burst of concurrent ticks without reconnecting.
-        "pool_size": 10,
-        "max_overflow": 20,
     }
+    in_memory = backend == "sqlite" and url.database in (None, "", ":memory:")
+    if not in_memory:  # an in-memory database has one connection, in a StaticPool
+        # Enough connections for a burst of concurrent ticks without reconnecting.
+        options.update(pool_size=10, max_overflow=20)
     if backend in ("mysql", "mariadb"):
         options["pool_recycle"] = 3600  # stay under the server's wait_timeout
         if "charset" not in url.query:

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aiocronlock")
 
+#: The part of a lease kept in reserve: a holder that could not renew gives up at
+#: 90% of its lease, before the database lets another instance take the job.
+_LEASE_MARGIN = 0.1
+
 _current_lock: contextvars.ContextVar[Lock] = contextvars.ContextVar("aiocronlock_current_lock")
 
 
@@ -123,14 +127,23 @@ class Lock:
         assert self.lease is not None
         loop = asyncio.get_running_loop()
         lease = self.lease.total_seconds()
+        # The database lease ends at the earliest `lease` after the last renewal was
+        # sent. Give up a little before that, so the run stops before any other
+        # instance can take the job; a renewal may not eat into that margin either.
+        margin = lease * _LEASE_MARGIN
         while True:
-            await asyncio.sleep(lease / 3)
-            if loop.time() - confirmed >= lease:
-                self._lose(f"no renewal for {loop.time() - confirmed:.1f} s, past the lease")
-                return
+            deadline = confirmed + lease - margin
+            if loop.time() < deadline:
+                await asyncio.sleep(min(lease / 3, deadline - loop.time()))
             sent = loop.time()
+            if sent >= deadline:
+                self._lose(f"no renewal for {sent - confirmed:.1f} s, the lease is {lease:g} s")
+                return
             try:
-                renewed = await self._locker._renew(self)
+                async with asyncio.timeout(deadline - sent):
+                    renewed = await self._locker._renew(self)
+            except TimeoutError:
+                continue  # the deadline has passed: lost, at the top of the loop
             except BackendError as error:
                 logger.warning("could not renew the lease of %r: %s", self, error)
                 continue
@@ -238,7 +251,7 @@ class Lock:
             await self.unlock(failed=True)
         except Exception:
             # The body's exception matters more; do not hide it behind ours.
-            logger.exception("could not record FAILED for %r", self)
+            logger.exception("could not record the outcome of %r", self)
         if self._cancelled_by_loss and isinstance(exc, asyncio.CancelledError) and task:
             # Our cancellation, not the caller's: report it as what it is.
             task.uncancel()

@@ -464,6 +464,12 @@ class AsyncDBLocker:
                     return int(tick_id), False
             elif claimed.rowcount == 1:
                 return int(tick_id), False
+            elif sql.ensure_lease_row is not None:
+                # The lease row may have been deleted by hand since we made it: make
+                # sure it exists, and claim once more.
+                await conn.execute(sql.ensure_lease_row, claim)
+                if (await conn.execute(sql.claim, claim)).rowcount == 1:
+                    return int(tick_id), False
         # We won the tick but another run took the lease in between: not run.
         await conn.execute(sql.mark, {"lock_id": tick_id, "new_status": Status.SKIPPED.value})
         return None, True
