@@ -737,13 +737,7 @@ class AsyncDBLocker:
             async with Deadline(self.timeout), self._serial, self._engine.connect() as conn:
                 return await work(conn)
         except Exception as error:
-            raise translate_error(
-                error,
-                operation,
-                target=self._target,
-                table=self.table.name,
-                timeout=self.timeout,
-            ) from error
+            raise self._backend_error(error, operation) from error
 
     async def _run_driver(
         self, operation: str, job_name: str, identifier: str
@@ -754,14 +748,19 @@ class AsyncDBLocker:
             async with Deadline(self.timeout), self._serial:
                 return await self._driver_acquire(job_name, identifier, self.worker), False
         except Exception as error:
-            raise translate_error(
-                error,
-                operation,
-                target=self._target,
-                table=self.table.name,
-                timeout=self.timeout,
-                disconnected=lost_connection(error),
-            ) from error
+            raise self._backend_error(error, operation, lost_connection(error)) from error
+
+    def _backend_error(
+        self, error: Exception, operation: str, disconnected: bool = False
+    ) -> BackendError:
+        return translate_error(
+            error,
+            operation,
+            target=self._target,
+            table=self.table.name,
+            timeout=self.timeout,
+            disconnected=disconnected,
+        )
 
     def __repr__(self) -> str:
         identifier = self.identifier

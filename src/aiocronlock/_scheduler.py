@@ -150,20 +150,13 @@ class Scheduler:
         lease: timedelta | float | None = None,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function every ``interval``, aligned to the Unix epoch."""
-        trigger = IntervalTrigger(interval)
-
-        def decorate(func: JobFunction) -> JobFunction:
-            self.add_job(
-                func,
-                trigger,
-                name=name,
-                skip_if_running=skip_if_running,
-                exclusive=exclusive,
-                lease=lease,
-            )
-            return func
-
-        return decorate
+        return self._decorator(
+            IntervalTrigger(interval),
+            name=name,
+            skip_if_running=skip_if_running,
+            exclusive=exclusive,
+            lease=lease,
+        )
 
     def cron(
         self,
@@ -176,17 +169,19 @@ class Scheduler:
         lease: timedelta | float | None = None,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function on a five-field cron expression in time zone ``tz``."""
-        trigger = CronTrigger(expression, tz)
+        return self._decorator(
+            CronTrigger(expression, tz),
+            name=name,
+            skip_if_running=skip_if_running,
+            exclusive=exclusive,
+            lease=lease,
+        )
+
+    def _decorator(self, trigger: Trigger, **options: Any) -> Callable[[JobFunction], JobFunction]:
+        """A decorator that schedules the function it is given, and returns it unchanged."""
 
         def decorate(func: JobFunction) -> JobFunction:
-            self.add_job(
-                func,
-                trigger,
-                name=name,
-                skip_if_running=skip_if_running,
-                exclusive=exclusive,
-                lease=lease,
-            )
+            self.add_job(func, trigger, **options)
             return func
 
         return decorate

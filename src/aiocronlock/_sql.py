@@ -75,6 +75,14 @@ def lease_param(dialect_name: str, lease: timedelta) -> Any:
     return f"+{lease.total_seconds():.6f} seconds"
 
 
+def _take_over(excluded: Any) -> dict[str, Any]:
+    """The SET of an upsert that hands an expired lease row to the inserting run."""
+    return {
+        column: getattr(excluded, column)
+        for column in ("holder_id", "worker", "lease_until", "updated_at")
+    }
+
+
 class Statements:
     """The statements of one locker: table and backend fixed, values bound at run time."""
 
@@ -212,12 +220,7 @@ class Statements:
             claim = (
                 take.on_conflict_do_update(
                     index_elements=[lc.job_name],
-                    set_={
-                        "holder_id": take.excluded.holder_id,
-                        "worker": take.excluded.worker,
-                        "lease_until": take.excluded.lease_until,
-                        "updated_at": take.excluded.updated_at,
-                    },
+                    set_=_take_over(take.excluded),
                     where=lc.lease_until <= now,
                 )
                 .returning(lc.holder_id)
@@ -233,12 +236,7 @@ class Statements:
             take_sqlite = sqlite.insert(leases).values(claim_row)
             self.claim = take_sqlite.on_conflict_do_update(
                 index_elements=[lc.job_name],
-                set_={
-                    "holder_id": take_sqlite.excluded.holder_id,
-                    "worker": take_sqlite.excluded.worker,
-                    "lease_until": take_sqlite.excluded.lease_until,
-                    "updated_at": take_sqlite.excluded.updated_at,
-                },
+                set_=_take_over(take_sqlite.excluded),
                 where=lc.lease_until <= now,
             ).returning(lc.holder_id)
         else:
