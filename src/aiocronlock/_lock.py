@@ -251,7 +251,8 @@ class Lock:
             await self.unlock(failed=True)
         except Exception:
             # The body's exception matters more; do not hide it behind ours.
-            logger.exception("could not record the outcome of %r", self)
+            outcome = Status.LOST if self.lost.is_set() else Status.FAILED
+            logger.exception("could not record %s for %r", outcome.value, self)
         if self._cancelled_by_loss and isinstance(exc, asyncio.CancelledError) and task:
             # Our cancellation, not the caller's: report it as what it is.
             task.uncancel()
