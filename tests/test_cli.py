@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, inspect, update
+from sqlalchemy import MetaData, inspect, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiocronlock import AsyncDBLocker, lock_table
@@ -103,7 +103,9 @@ async def _drop(url: str, table: str) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: Table(table, MetaData()).drop(sync, checkfirst=True))
+            # The lock table and its leases table, as lock_table() defines them.
+            tables = lock_table(MetaData(), name=table).metadata
+            await conn.run_sync(lambda sync: tables.drop_all(sync, checkfirst=True))
     finally:
         await engine.dispose()
 

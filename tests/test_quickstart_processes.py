@@ -127,8 +127,8 @@ async def postgres_table() -> AsyncIterator[tuple[str, str]]:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            locks = lock_table(MetaData(), name=table)
-            await conn.run_sync(lambda sync: locks.drop(sync, checkfirst=True))
+            tables = lock_table(MetaData(), name=table).metadata  # with its leases table
+            await conn.run_sync(lambda sync: tables.drop_all(sync, checkfirst=True))
     finally:
         await engine.dispose()
 
