@@ -193,7 +193,6 @@ class AsyncDBLocker:
         self._cleaner_idle.set()
         self._started = False
         self._closed = False
-        self._exit_stack: contextlib.AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -202,6 +201,7 @@ class AsyncDBLocker:
             raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
         if self._started:
             raise RuntimeError("this locker is already started: enter `async with` only once")
+        # If start-up fails half-way, the stack closes what was started.
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self.aclose)
             self._started = True
@@ -214,7 +214,7 @@ class AsyncDBLocker:
                     run_cleaner(self, self.clean_interval),
                     name=f"aiocronlock cleaner {self.worker}",
                 )
-            self._exit_stack = stack.pop_all()
+            stack.pop_all()  # started: from now on __aexit__ closes
         return self
 
     async def __aexit__(
@@ -235,7 +235,6 @@ class AsyncDBLocker:
         # Public methods refuse from here on; work already under way (the cleaner's
         # last unlock, a cancelled lock() marking its row) may still finish.
         self._closed = True
-        self._exit_stack = None
         cleaner, self._cleaner = self._cleaner, None
         if cleaner is not None:
             # Cancelling a query midway can strand its connection in some drivers:
