@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, bindparam, text, update
+from sqlalchemy import MetaData, bindparam, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from _proxy import Proxy
@@ -80,7 +80,8 @@ async def table(direct: AsyncEngine) -> AsyncIterator[str]:
     await AsyncDBLocker(direct, table_name=name, clean_interval=None).create_table()
     yield name
     async with direct.begin() as conn:
-        await conn.run_sync(lambda sync: Table(name, MetaData()).drop(sync, checkfirst=True))
+        tables = lock_table(MetaData(), name=name).metadata  # with its leases table
+        await conn.run_sync(lambda sync: tables.drop_all(sync, checkfirst=True))
 
 
 @pytest.fixture
