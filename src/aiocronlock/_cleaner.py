@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ._identifiers import precision
+from ._identifiers import Precision
 
 if TYPE_CHECKING:
-    from datetime import timedelta
-
     from ._locker import AsyncDBLocker
 
 logger = logging.getLogger("aiocronlock.cleaner")
@@ -22,13 +20,14 @@ logger = logging.getLogger("aiocronlock.cleaner")
 CLEAN_JOB_NAME = "aiocronlock.cleaner"
 
 
-async def run_cleaner(locker: AsyncDBLocker, interval: timedelta) -> None:
-    """Prune at every multiple of ``interval`` since the epoch until cancelled.
+async def run_cleaner(locker: AsyncDBLocker, steps: Precision) -> None:
+    """Prune at every multiple of ``steps.step`` since the epoch until cancelled.
 
-    A failed interval is logged and the loop waits for the next one: an outage
-    never stops the cleaner, and never reaches the application.
+    ``steps`` is also what names the cleaner's ticks (see ``_clean_tick``). A failed
+    interval is logged and the loop waits for the next one: an outage never stops
+    the cleaner, and never reaches the application.
     """
-    steps = precision(interval)
+    interval = steps.step
     while True:
         tick = steps.truncate(locker.clock.now()) + interval
         await locker.clock.sleep_until(tick)

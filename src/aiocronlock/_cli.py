@@ -162,6 +162,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _maintenance(args: argparse.Namespace) -> int:
+    from ._engine import describe
     from ._locker import AsyncDBLocker
 
     console = _console()
@@ -169,7 +170,7 @@ async def _maintenance(args: argparse.Namespace) -> int:
     # Not `async with`: one-off commands need no cleaner and no clock check.
     locker = AsyncDBLocker(args.url, table_name=args.table, ttl=ttl, clean_interval=None)
     try:
-        where = f"{locker.table.name} on {locker.engine.url.render_as_string(hide_password=True)}"
+        where = f"{locker.table.name} on {describe(locker.engine)}"
         if args.command == "init":
             await locker.create_table()
             console.print(f"table {where} is ready")

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ._engine import mask_url
 from ._identifiers import precision
 from ._lock import current_lock
 from ._locker import AsyncDBLocker
@@ -279,7 +280,7 @@ async def _show_live(race: _Race, readers: list[asyncio.Task[None]], url: str) -
         ("aiocronlock demo", "bold"),
         f": {len(race.workers)} worker processes race for {len(race.jobs)} job(s) "
         f"every {race.ticks[1] - race.ticks[0] if len(race.ticks) > 1 else 1:g}s on ",
-        (_short_url(url), "italic"),
+        (mask_url(url), "italic"),
     )
 
     def render() -> Group:
@@ -361,9 +362,3 @@ def _show_summary(summary: dict[str, Any], failures: list[str]) -> None:
 
 def _flag(value: int) -> str:
     return f"[green]{value}[/]" if value == 0 else f"[bold red]{value}[/]"
-
-
-def _short_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -35,7 +35,7 @@ def parse_url(url: str | URL) -> URL:
         parsed = make_url(url)
     except (exc.ArgumentError, ValueError) as error:
         raise ValueError(
-            f"engine: {_mask(url)!r} is not a database URL; expected e.g. "
+            f"engine: {mask_url(url)!r} is not a database URL; expected e.g. "
             "'postgresql+asyncpg://user@host/db' or 'sqlite+aiosqlite:///locks.db'"
         ) from error
     backend = parsed.get_backend_name()
@@ -45,7 +45,7 @@ def parse_url(url: str | URL) -> URL:
     return parsed
 
 
-def _mask(url: str | URL) -> str:
+def mask_url(url: str | URL) -> str:
     """A URL as text with its password replaced by ``***``, even when it does not parse."""
     if isinstance(url, URL):
         return url.render_as_string(hide_password=True)
@@ -62,7 +62,7 @@ def _mask(url: str | URL) -> str:
 
 def describe(engine: AsyncEngine) -> str:
     """The engine's URL with the password hidden, for messages and reprs."""
-    return engine.url.render_as_string(hide_password=True)
+    return mask_url(engine.url)
 
 
 def create_engine_from_url(url: URL) -> AsyncEngine:
@@ -95,12 +95,12 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
         engine = create_async_engine(url, **options)
     except exc.NoSuchModuleError as error:
         raise ValueError(
-            f"engine: no SQLAlchemy dialect for {url.drivername!r} in {_mask(url)!r}; "
+            f"engine: no SQLAlchemy dialect for {url.drivername!r} in {mask_url(url)!r}; "
             "use postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
         ) from error
     except exc.ArgumentError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"engine: {_mask(url)!r} is not a usable URL: {first_line}") from error
+        raise ValueError(f"engine: {mask_url(url)!r} is not a usable URL: {first_line}") from error
     except ModuleNotFoundError as error:
         driver = url.get_driver_name()
         extra = _EXTRAS.get(driver)

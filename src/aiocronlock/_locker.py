@@ -209,9 +209,9 @@ class AsyncDBLocker:
                 await self.check_clock()
             except BackendError as error:
                 logger.warning("could not compare clocks with the database: %s", error)
-            if self.clean_interval is not None:
+            if self._clean_identifier is not None:
                 self._cleaner = asyncio.create_task(
-                    run_cleaner(self, self.clean_interval),
+                    run_cleaner(self, self._clean_identifier),
                     name=f"aiocronlock cleaner {self.worker}",
                 )
             stack.pop_all()  # started: from now on __aexit__ closes
@@ -287,10 +287,9 @@ class AsyncDBLocker:
         self._check_open()
         check_name("job_name", job_name)
         lease_for = self._lease_for(exclusive, lease)
-        now = self.clock.now()
-        run_time = now if run_time is None else to_utc("run_time", run_time)
+        run_time, stale = self._tick_time(run_time)
         identifier = compute_identifier(self.identifier, job_name, run_time)
-        if now - run_time > self.ttl:
+        if stale:
             logger.warning(
                 "refusing %r at %s: the run time is older than ttl (%s)",
                 job_name,
@@ -303,6 +302,14 @@ class AsyncDBLocker:
                 )
             return None
         return await self._acquire(job_name, identifier, run_time, lease_for)
+
+    def _tick_time(self, run_time: datetime | None) -> tuple[datetime, bool]:
+        """The run time in UTC (``None``: now), and whether it is older than ``ttl``."""
+        now = self.clock.now()
+        if run_time is None:
+            return now, False
+        run_time = to_utc("run_time", run_time)
+        return run_time, now - run_time > self.ttl
 
     def _lease_for(self, exclusive: bool, lease: timedelta | float | None) -> timedelta | None:
         if not isinstance(exclusive, bool):
@@ -329,9 +336,8 @@ class AsyncDBLocker:
             check_name("job_names item", name)
         if len(set(names)) != len(names):
             raise ValueError("job_names must not repeat a job")
-        now = self.clock.now()
-        run_time = now if run_time is None else to_utc("run_time", run_time)
-        if not names or now - run_time > self.ttl:
+        run_time, stale = self._tick_time(run_time)
+        if not names or stale:
             return {}
         identifiers = {name: compute_identifier(self.identifier, name, run_time) for name in names}
         rows = [
@@ -370,31 +376,24 @@ class AsyncDBLocker:
         run_time: datetime,
         lease: timedelta | None = None,
     ) -> Lock | None:
-        params: dict[str, Any] = {
-            "job_name": job_name,
-            "job_identifier": identifier,
-            "worker": self.worker,
-        }
-
-        async def insert(conn: AsyncConnection) -> tuple[int | None, bool]:
-            result = await conn.execute(self._sql.acquire, params)
-            if self._sql.acquire_returns_id:
-                row_id: int | None = result.scalar_one_or_none()
-                return row_id, False
-            return result.lastrowid or None, False
-
         operation = f"lock({job_name!r})"
         deciding: Awaitable[tuple[int | None, bool]]
-        if lease is not None:
-            params["lease"] = lease_param(self._sql.dialect_name, lease)
-            params["lease_job"] = job_name
-            params["lease_worker"] = self.worker
-            exclusive = functools.partial(self._decide_exclusive, params=params)
-            deciding = self._run(operation, exclusive)
-        elif self._driver_acquire is not None:
+        if lease is None and self._driver_acquire is not None:
             deciding = self._run_driver(operation, job_name, identifier)
         else:
-            deciding = self._run(operation, insert)
+            params: dict[str, Any] = {
+                "job_name": job_name,
+                "job_identifier": identifier,
+                "worker": self.worker,
+            }
+            if lease is None:
+                deciding = self._run(operation, functools.partial(self._insert, params=params))
+            else:
+                params["lease"] = lease_param(self._sql.dialect_name, lease)
+                params["lease_job"] = job_name
+                params["lease_worker"] = self.worker
+                exclusive = functools.partial(self._decide_exclusive, params=params)
+                deciding = self._run(operation, exclusive)
 
         # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
         # (within the timeout) and a row we won is marked FAILED, never left RUNNING
@@ -432,6 +431,16 @@ class AsyncDBLocker:
         if lease is not None:
             lock._start_lease()
         return lock
+
+    async def _insert(
+        self, conn: AsyncConnection, *, params: dict[str, Any]
+    ) -> tuple[int | None, bool]:
+        """The plain acquire through SQLAlchemy: ``(row id or None, False)``."""
+        result = await conn.execute(self._sql.acquire, params)
+        if self._sql.acquire_returns_id:
+            row_id: int | None = result.scalar_one_or_none()
+            return row_id, False
+        return result.lastrowid or None, False
 
     async def _decide_exclusive(
         self, conn: AsyncConnection, *, params: dict[str, Any]
