@@ -6,6 +6,7 @@ reaches the database at the driver (PostgreSQL, SQLite) or at the server (MariaD
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aiocronlock import AsyncDBLocker, lock_table
+from aiocronlock import AsyncDBLocker, BackendError, _driver, lock_table
 from conftest import Backend
 
 
@@ -29,11 +30,23 @@ async def url_locker(backend: Backend) -> AsyncIterator[AsyncDBLocker]:
         await locker.aclose()
 
 
+def _kept(locker: AsyncDBLocker) -> list[Any]:
+    """The connections the driver path keeps checked out between calls."""
+    assert locker._driver_acquire is not None
+    return [pooled for pooled, _ in locker._driver_acquire._idle]
+
+
+async def _questions(driver: Any) -> int:
+    async with driver.cursor() as cursor:
+        await cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int((await cursor.fetchone())[1])
+
+
 async def _statements_sent(locker: AsyncDBLocker, backend: Backend, calls: int) -> list[str]:
-    """Run ``calls`` lock() calls on one pooled connection; what reached the database."""
+    """Run ``calls`` lock() calls one after another; what reached the database."""
     tick = datetime.now(UTC).replace(microsecond=0)
-    assert await locker.lock("warm-up", tick) is not None  # opens the pool's one connection
-    pooled = await locker.engine.raw_connection()
+    assert await locker.lock("warm-up", tick) is not None  # opens the one connection used
+    [pooled] = _kept(locker)
     driver: Any = pooled.driver_connection
     sent: list[str] = []
     if backend.name == "postgresql":
@@ -41,21 +54,13 @@ async def _statements_sent(locker: AsyncDBLocker, backend: Backend, calls: int) 
     elif backend.name == "sqlite":
         await driver.set_trace_callback(sent.append)
     else:
-        async with driver.cursor() as cursor:
-            await cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
-            before = int((await cursor.fetchone())[1])
-    pooled.close()
+        before = await _questions(driver)
     for _ in range(calls):
         await locker.lock("job", tick)  # the first wins, the others lose
+    assert _kept(locker) == [pooled], "sequential calls reuse the one kept connection"
     if backend.name == "mysql":
-        pooled = await locker.engine.raw_connection()
-        driver = pooled.driver_connection
-        async with driver.cursor() as cursor:
-            await cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
-            after = int((await cursor.fetchone())[1])
-        pooled.close()
         # Questions counts the SHOW itself too.
-        return ["INSERT"] * (after - before - 1)
+        return ["INSERT"] * (await _questions(driver) - before - 1)
     return sent
 
 
@@ -90,3 +95,54 @@ async def test_driver_path_rows_match_the_sqlalchemy_path(
     assert [(r["id"], r["job_name"], r["worker"], r["status"]) for r in rows] == [
         (won.id, name, "w", "FINISHED")
     ]
+
+
+async def test_kept_connections_go_back_to_the_pool(
+    backend: Backend, url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = url_locker.engine.sync_engine.pool
+    tick = datetime.now(UTC).replace(microsecond=0)
+    assert await url_locker.lock("a", tick) is not None
+    [first] = _kept(url_locker)
+    assert pool.checkedout() == 1
+
+    # Idle too long: handed back to the pool (which recycles it as it sees fit), not used.
+    monkeypatch.setattr(_driver, "KEEP_IDLE_S", 0.0)
+    assert await url_locker.lock("b", tick) is not None
+    monkeypatch.undo()
+    [second] = _kept(url_locker)
+    assert second is not first
+    assert pool.checkedout() == 1
+
+    # Concurrent calls keep at most half the pool.
+    names = [f"c{i}" for i in range(pool.size() * 2)]
+    results = await asyncio.gather(*(url_locker.lock(name, tick) for name in names))
+    assert all(result is not None for result in results)
+    assert 1 <= len(_kept(url_locker)) <= pool.size() // 2
+    assert pool.checkedout() == len(_kept(url_locker))
+
+    await url_locker.aclose()
+    assert _kept(url_locker) == []
+    assert pool.checkedout() == 0
+
+
+async def test_a_failed_call_releases_every_kept_connection(
+    backend: Backend, url_locker: AsyncDBLocker
+) -> None:
+    pool = url_locker.engine.sync_engine.pool
+    tick = datetime.now(UTC).replace(microsecond=0)
+    await asyncio.gather(*(url_locker.lock(f"j{i}", tick) for i in range(4)))
+    assert len(_kept(url_locker)) >= 1
+    driver_acquire = url_locker._driver_acquire
+    assert driver_acquire is not None
+    good_sql = driver_acquire.sql
+    driver_acquire.sql = "INSERT INTO no_such_table_here VALUES (1)"
+    try:
+        with pytest.raises(BackendError):
+            await url_locker.lock("broken", tick)
+    finally:
+        driver_acquire.sql = good_sql
+    assert _kept(url_locker) == []
+    assert pool.checkedout() == 0
+    # The pool reconnects as needed: the next call works.
+    assert await url_locker.lock("after", tick) is not None

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 from ._validation import MAX_NAME_LENGTH, require_timedelta
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -48,10 +49,12 @@ class Precision:
         return self.truncate(moment + self.step / 2)
 
     def __call__(self, job_name: str, run_time: datetime, /) -> str:
-        start = self.truncate(run_time)
-        if start.microsecond:
-            return start.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        return start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        # 2025-01-01T10:11:12Z, or 2025-01-01T10:11:12.345000Z when the step starts
+        # within a second (isoformat of a naive datetime, as strftime's %S.%f would be).
+        step_us = self.step // _MICROSECOND
+        elapsed_us = (run_time - _EPOCH) // _MICROSECOND
+        start = _NAIVE_EPOCH + timedelta(microseconds=elapsed_us - elapsed_us % step_us)
+        return start.isoformat() + "Z"
 
 
 def precision(step: timedelta | float = timedelta(seconds=1)) -> Precision:

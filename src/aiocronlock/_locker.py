@@ -245,6 +245,8 @@ class AsyncDBLocker:
             cleaner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cleaner
+        if self._driver_acquire is not None:
+            await self._driver_acquire.close()
         if self._owns_engine:
             try:
                 async with Deadline(self.timeout):
