@@ -105,6 +105,8 @@ class MySQLClient:
     async def insert_rows(self, sql: str, params: Sequence[Any]) -> int:
         async with self._pool.acquire() as conn, conn.cursor() as cursor:
             await cursor.execute(sql, params)
+            if cursor.description is not None:  # INSERT ... RETURNING (MariaDB)
+                return len(await cursor.fetchall())
             count: int = cursor.rowcount
             return count
 

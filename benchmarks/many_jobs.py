@@ -2,12 +2,11 @@
 
 Contenders, each deciding all the jobs for a fresh set of names, in rotating order:
 
-- ``lock_many(names, t)`` (one multi-row INSERT on PostgreSQL and SQLite; one INSERT
-  per job on one connection on MySQL/MariaDB, which cannot report which rows of a
-  multi-row insert won);
-- ONE multi-row INSERT on the raw driver: the library's own statement text on
-  PostgreSQL and SQLite, and on MySQL/MariaDB the library's single-row statement
-  with all rows in its VALUES list;
+- ``lock_many(names, t)`` (one multi-row INSERT on PostgreSQL, SQLite and MariaDB
+  10.5+; one INSERT per job on one connection on MySQL, which cannot report which
+  rows of a multi-row insert won);
+- ONE multi-row INSERT on the raw driver: the library's own statement text, and on
+  MySQL the library's single-row statement with all rows in its VALUES list;
 - 500 sequential ``lock()`` calls, for contrast.
 """
 
@@ -46,7 +45,7 @@ async def capture_many(locker: AsyncDBLocker, jobs: int, run_time: datetime) -> 
     sentinels = {name: f"job{i}" for i, name in enumerate(names)} | {identifier: "ident"}
     if len(inserts) == 1:
         return Statement.from_capture(inserts[0][0], inserts[0][1], sentinels)
-    # MySQL/MariaDB: one single-row INSERT per job; put all their rows in one VALUES list.
+    # MySQL: one single-row INSERT per job; put all their rows in one VALUES list.
     sql = inserts[0][0]
     head, sep, rest = sql.partition(" VALUES ")
     values, sep2, tail = rest.partition(" ON DUPLICATE KEY UPDATE ")

@@ -37,7 +37,7 @@ from ._events import EventKind, Events, LockEvent, Subscriber
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
-from ._sql import Statements, lease_param
+from ._sql import Statements, lease_param, mysql_duplicates_quiet
 from ._validation import check_name, require_timedelta, to_timedelta, to_utc
 
 logger = logging.getLogger("aiocronlock")
@@ -327,9 +327,10 @@ class AsyncDBLocker:
     ) -> dict[str, Lock]:
         """Try to win one tick of several jobs at once; return the locks won, by job name.
 
-        On PostgreSQL and SQLite this is a single multi-row INSERT, whatever the number
-        of jobs. MySQL and MariaDB cannot report which rows of a multi-row insert won,
-        so there it is one INSERT per job on one connection. Jobs whose tick another
+        On PostgreSQL, SQLite and MariaDB 10.5+ this is a single multi-row INSERT,
+        whatever the number of jobs (on MariaDB, a second round trip follows when some
+        ticks were taken). MySQL cannot report which rows of a multi-row insert won, so
+        there it is one INSERT per job on one connection. Jobs whose tick another
         instance has are simply absent from the result.
         """
         self._check_open()
@@ -352,6 +353,13 @@ class AsyncDBLocker:
             if self._sql.acquire_returning_job is not None:
                 result = await conn.execute(self._sql.acquire_returning_job, rows)
                 return {row.job_name: row.id for row in result}
+            if self._sql.acquire_ignoring_returning_job is not None and conn.dialect.insert_returning:
+                # MariaDB 10.5+. A lost tick is a duplicate-key warning, which the driver
+                # fetches (one more round trip) and would log once per job.
+                with mysql_duplicates_quiet():
+                    result = await conn.execute(self._sql.acquire_ignoring_returning_job, rows)
+                return {row.job_name: row.id for row in result}
+            # MySQL: one INSERT per job, whose lastrowid says whether it won.
             for row in rows:
                 row_id = (await conn.execute(self._sql.acquire, row)).lastrowid
                 if row_id:

@@ -6,6 +6,10 @@ validated table and schema names, quoted by SQLAlchemy.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,6 +38,37 @@ from sqlalchemy import (
 from ._schema import LEASES_SUFFIX, Status, _timestamp
 
 MYSQL_DIALECTS = ("mysql", "mariadb")
+
+#: Set while a statement whose duplicate-key warnings are expected runs.
+_duplicates_expected: ContextVar[bool] = ContextVar("aiocronlock_duplicates_expected", default=False)
+
+
+class _DropExpectedDuplicates(logging.Filter):
+    """Drops asyncmy's "Duplicate entry" warnings while ``_duplicates_expected`` is set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            _duplicates_expected.get() and str(record.msg).startswith("Duplicate entry")
+        )
+
+
+_drop_expected_duplicates = _DropExpectedDuplicates()
+
+
+@contextlib.contextmanager
+def mysql_duplicates_quiet() -> Iterator[None]:
+    """Run an ``INSERT IGNORE`` without asyncmy logging each ignored duplicate as a warning.
+
+    Only duplicate-key warnings of the current task are dropped; anything else asyncmy
+    logs (a truncation, say) still is."""
+    driver_logger = logging.getLogger("asyncmy")
+    if _drop_expected_duplicates not in driver_logger.filters:
+        driver_logger.addFilter(_drop_expected_duplicates)
+    token = _duplicates_expected.set(True)
+    try:
+        yield
+    finally:
+        _duplicates_expected.reset(token)
 SUPPORTED_DIALECTS = ("postgresql", "sqlite", *MYSQL_DIALECTS)
 
 
@@ -115,6 +150,7 @@ class Statements:
         #: ``acquire`` returning the job name too, for lock_many(): executed with a list
         #: of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues").
         self.acquire_returning_job: Executable | None = None
+        self.acquire_ignoring_returning_job: Executable | None = None
         if dialect_name in ("postgresql", "sqlite"):
             dialect_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
             ignoring = (
@@ -129,6 +165,13 @@ class Statements:
             # downgrade other errors to warnings, and a warning makes the driver send
             # SHOW WARNINGS, a second round trip on every lost race.
             self.acquire = mysql.insert(table).values(row).on_duplicate_key_update(id=c.id)
+            # lock_many() on MariaDB 10.5+: a multi-row INSERT that reports the rows it
+            # inserted. ON DUPLICATE KEY UPDATE would return the existing rows too, so
+            # this one ignores duplicates; the columns are sized for every valid input,
+            # so IGNORE has no other error to downgrade (see mysql_duplicates_quiet).
+            self.acquire_ignoring_returning_job = (
+                mysql.insert(table).prefix_with("IGNORE").values(row).returning(c.id, c.job_name)
+            )
 
         self._now = now
         self.finish: Update = (
