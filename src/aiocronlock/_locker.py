@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from asyncio import Future
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -47,6 +48,29 @@ _T = TypeVar("_T")
 #: Rows deleted per statement when pruning: small enough that no single DELETE
 #: holds its locks for long, so ``lock()`` calls interleave with a large prune.
 DEFAULT_CLEAN_BATCH_SIZE = 2000
+
+
+async def _settle(work: Awaitable[_T], outcome: Future[_T]) -> tuple[_T] | None:
+    """Run ``work`` and hand its outcome to ``outcome`` as it ends.
+
+    A shield, like ``asyncio.shield``, but the caller awaiting ``outcome`` wakes one
+    turn of the event loop after ``work`` ends, not three. Cancelling the caller
+    cancels ``outcome`` only, never ``work``; the task then ends with ``work``'s own
+    result (as a 1-tuple) or error, for whoever abandons the attempt to read.
+    """
+    try:
+        result = await work
+    except Exception as error:
+        if outcome.done():
+            raise
+        outcome.set_exception(error)  # the caller reads it; the task ends quietly
+        return None
+    except BaseException:
+        outcome.cancel()
+        raise
+    if not outcome.done():
+        outcome.set_result(result)
+    return (result,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,9 +432,11 @@ class AsyncDBLocker:
         # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
         # (within the timeout) and a row we won is marked FAILED, never left RUNNING
         # with nobody running it.
-        attempt = asyncio.ensure_future(deciding)
+        loop = asyncio.get_running_loop()
+        outcome: Future[tuple[int | None, bool]] = loop.create_future()
+        attempt = loop.create_task(_settle(deciding, outcome))
         try:
-            row_id, overlap = await asyncio.shield(attempt)
+            row_id, overlap = await outcome
         except asyncio.CancelledError:
             await self._abandon(attempt, job_name, identifier, exclusive=lease is not None)
             raise
@@ -508,7 +534,7 @@ class AsyncDBLocker:
 
     async def _abandon(
         self,
-        attempt: asyncio.Future[tuple[int | None, bool]],
+        attempt: asyncio.Task[tuple[tuple[int | None, bool]] | None],
         job_name: str,
         identifier: str,
         *,
@@ -516,7 +542,9 @@ class AsyncDBLocker:
     ) -> None:
         """After a cancelled lock(): wait for the insert, and mark a won row FAILED."""
         try:
-            row_id, _ = await attempt
+            decided = await attempt
+            assert decided is not None  # the caller was cancelled: _settle gives it back
+            ((row_id, _),) = decided
             if row_id is not None:
                 await self._finish(
                     row_id, Status.FAILED, release_job=job_name if exclusive else None
