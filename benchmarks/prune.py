@@ -137,7 +137,7 @@ class StatementTimer:
 
     def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         started = conn.info.pop("bench_started_ns", None)
-        if started is not None and statement.lstrip().upper().startswith("DELETE"):
+        if started is not None and "DELETE FROM" in statement.upper():
             self.deletes_ns.append(time.perf_counter_ns() - started)
 
     def close(self) -> None:

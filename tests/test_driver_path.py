@@ -100,7 +100,7 @@ async def test_driver_path_rows_match_the_sqlalchemy_path(
 async def test_kept_connections_go_back_to_the_pool(
     backend: Backend, url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pool = url_locker.engine.sync_engine.pool
+    pool: Any = url_locker.engine.sync_engine.pool
     tick = datetime.now(UTC).replace(microsecond=0)
     assert await url_locker.lock("a", tick) is not None
     [first] = _kept(url_locker)
@@ -129,7 +129,7 @@ async def test_kept_connections_go_back_to_the_pool(
 async def test_a_failed_call_releases_every_kept_connection(
     backend: Backend, url_locker: AsyncDBLocker
 ) -> None:
-    pool = url_locker.engine.sync_engine.pool
+    pool: Any = url_locker.engine.sync_engine.pool
     tick = datetime.now(UTC).replace(microsecond=0)
     await asyncio.gather(*(url_locker.lock(f"j{i}", tick) for i in range(4)))
     assert len(_kept(url_locker)) >= 1

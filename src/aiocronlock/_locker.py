@@ -17,14 +17,14 @@ import logging
 import os
 import socket
 import time
+from asyncio import Future
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from asyncio import Future
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from sqlalchemy import MetaData
+from sqlalchemy import Executable, MetaData
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,9 +45,18 @@ logger = logging.getLogger("aiocronlock")
 
 _T = TypeVar("_T")
 
-#: Rows deleted per statement when pruning: small enough that no single DELETE
+#: The most rows one pruning DELETE removes: small enough that no single statement
 #: holds its locks for long, so ``lock()`` calls interleave with a large prune.
 DEFAULT_CLEAN_BATCH_SIZE = 2000
+#: How long one pruning DELETE should take: batches shrink or grow (up to
+#: ``clean_batch_size``) toward it, so a slow or busy database gets smaller ones.
+CLEAN_STATEMENT_S = 0.005
+#: The share of the time a prune keeps the database busy: after a DELETE that took
+#: ``d`` seconds the cleaner rests ``d * (1 - share) / share``, leaving the rest to the
+#: INSERTs that decide ticks.
+CLEAN_BUSY_SHARE = 0.1
+#: The fewest rows a pruning DELETE removes, however slow the database.
+_MIN_CLEAN_BATCH = 50
 
 
 async def _settle(work: Awaitable[_T], outcome: Future[_T]) -> tuple[_T] | None:
@@ -71,6 +80,15 @@ async def _settle(work: Awaitable[_T], outcome: Future[_T]) -> tuple[_T] | None:
     if not outcome.done():
         outcome.set_result(result)
     return (result,)
+
+
+def _next_batch(batch: int, took: float, most: int) -> int:
+    """The next pruning batch: halved or doubled toward ``CLEAN_STATEMENT_S`` per DELETE."""
+    if took > CLEAN_STATEMENT_S and batch > _MIN_CLEAN_BATCH:
+        return max(_MIN_CLEAN_BATCH, batch // 2)
+    if took < CLEAN_STATEMENT_S / 2 and batch < most:
+        return min(most, batch * 2)
+    return batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,11 +395,12 @@ class AsyncDBLocker:
             if self._sql.acquire_returning_job is not None:
                 result = await conn.execute(self._sql.acquire_returning_job, rows)
                 return {row.job_name: row.id for row in result}
-            if self._sql.acquire_ignoring_returning_job is not None and conn.dialect.insert_returning:
+            ignoring = self._sql.acquire_ignoring_returning_job
+            if ignoring is not None and conn.dialect.insert_returning:
                 # MariaDB 10.5+. A lost tick is a duplicate-key warning, which the driver
                 # fetches (one more round trip) and would log once per job.
                 with mysql_duplicates_quiet():
-                    result = await conn.execute(self._sql.acquire_ignoring_returning_job, rows)
+                    result = await conn.execute(ignoring, rows)
                 return {row.job_name: row.id for row in result}
             # MySQL: one INSERT per job, whose lastrowid says whether it won.
             for row in rows:
@@ -604,6 +623,11 @@ class AsyncDBLocker:
     async def clean(self) -> int:
         """Delete rows older than ``ttl`` now, in batches; return how many were deleted.
 
+        Each batch is sized to take about ``CLEAN_STATEMENT_S`` (at most
+        ``clean_batch_size`` rows), and after each the cleaner rests so that it keeps
+        the database busy at most ``CLEAN_BUSY_SHARE`` of the time: a big backlog goes
+        slowly rather than slowing down the ``lock()`` calls of every instance.
+
         Ages are measured with the database's clock, so instances whose clocks differ
         prune the same rows.
         """
@@ -614,20 +638,29 @@ class AsyncDBLocker:
             return _aware((await conn.execute(self._sql.now)).scalar_one())
 
         cutoff = (await self._run("clean()", now)) - self.ttl
-        statement = self._sql.prune_batch(cutoff, self.clean_batch_size)
-
-        async def prune(conn: AsyncConnection) -> int:
-            return (await conn.execute(statement)).rowcount
-
         total = 0
+        batch = min(self.clean_batch_size, 500)
+        floor: datetime | None = None
         while True:
-            batch_started = time.monotonic()
-            deleted = await self._run("clean()", prune)
+            statement = self._sql.prune_batch(cutoff, batch, floor)
+
+            async def prune(
+                conn: AsyncConnection, statement: Executable = statement
+            ) -> tuple[int, datetime | None]:
+                result = await conn.execute(statement)
+                if not result.returns_rows:
+                    return result.rowcount, None
+                row = result.one()
+                return row.deleted, row.newest
+
+            started = time.monotonic()
+            deleted, floor = await self._run("clean()", prune)
+            took = time.monotonic() - started
             total += deleted
-            if deleted < self.clean_batch_size:
+            if deleted < batch:
                 break
-            # Leave the database to lock() calls between batches, as long as a batch took.
-            await asyncio.sleep(min(time.monotonic() - batch_started, 0.1))
+            await asyncio.sleep(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE)
+            batch = _next_batch(batch, took, self.clean_batch_size)
         if total:
             logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
         if self.events:

@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Delete,
     Executable,
     Insert,
     Integer,
@@ -40,16 +39,16 @@ from ._schema import LEASES_SUFFIX, Status, _timestamp
 MYSQL_DIALECTS = ("mysql", "mariadb")
 
 #: Set while a statement whose duplicate-key warnings are expected runs.
-_duplicates_expected: ContextVar[bool] = ContextVar("aiocronlock_duplicates_expected", default=False)
+_duplicates_expected: ContextVar[bool] = ContextVar(
+    "aiocronlock_duplicates_expected", default=False
+)
 
 
 class _DropExpectedDuplicates(logging.Filter):
     """Drops asyncmy's "Duplicate entry" warnings while ``_duplicates_expected`` is set."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            _duplicates_expected.get() and str(record.msg).startswith("Duplicate entry")
-        )
+        return not (_duplicates_expected.get() and str(record.msg).startswith("Duplicate entry"))
 
 
 _drop_expected_duplicates = _DropExpectedDuplicates()
@@ -69,6 +68,8 @@ def mysql_duplicates_quiet() -> Iterator[None]:
         yield
     finally:
         _duplicates_expected.reset(token)
+
+
 SUPPORTED_DIALECTS = ("postgresql", "sqlite", *MYSQL_DIALECTS)
 
 
@@ -307,15 +308,32 @@ class Statements:
                 )
             )
 
-    def prune_batch(self, cutoff: datetime, limit: int) -> Delete:
-        """Delete at most ``limit`` rows created before ``cutoff``, oldest first."""
+    def prune_batch(
+        self, cutoff: datetime, limit: int, floor: datetime | None = None
+    ) -> Executable:
+        """Delete at most ``limit`` rows created before ``cutoff``, oldest first.
+
+        On PostgreSQL it returns one row, ``(deleted, newest)``: how many rows went and
+        the newest ``created_at`` among them, the ``floor`` of the next batch. Deleted
+        rows stay in the index until vacuum, and an index scan from the start would
+        step over all of them again on every batch; starting at the floor does not.
+        Elsewhere the index forgets deleted rows (SQLite) or soon purges them (InnoDB),
+        and the statement is a plain DELETE whose row count says how many went.
+        """
         from sqlalchemy.dialects import mysql
 
         c = self.table.c
         if self.dialect_name in MYSQL_DIALECTS:
             return delete(self.table).where(c.created_at < cutoff).ext(mysql.limit(limit))
-        oldest = select(c.id).where(c.created_at < cutoff).order_by(c.created_at).limit(limit)
-        return delete(self.table).where(c.id.in_(oldest.scalar_subquery()))
+        window = c.created_at < cutoff
+        if floor is not None:
+            window = window & (c.created_at >= floor)
+        oldest = select(c.id).where(window).order_by(c.created_at).limit(limit)
+        deleting = delete(self.table).where(c.id.in_(oldest.scalar_subquery()))
+        if self.dialect_name != "postgresql":
+            return deleting
+        gone = deleting.returning(c.created_at).cte("gone")
+        return select(func.count().label("deleted"), func.max(gone.c.created_at).label("newest"))
 
     def history(self, job_name: str | None, limit: int) -> Select[Any]:
         c = self.table.c
