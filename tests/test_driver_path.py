@@ -7,6 +7,7 @@ reaches the database at the driver (PostgreSQL, SQLite) or at the server (MariaD
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -146,3 +147,48 @@ async def test_a_failed_call_releases_every_kept_connection(
     assert pool.checkedout() == 0
     # The pool reconnects as needed: the next call works.
     assert await url_locker.lock("after", tick) is not None
+
+
+async def test_lock_many_through_the_driver_in_chunks(
+    backend: Backend, url_locker: AsyncDBLocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More jobs than one statement takes: several multi-row INSERTs, same outcome."""
+    other = AsyncDBLocker(backend.url, worker="other", table_name=backend.table_name)
+    tick = datetime.now(UTC).replace(microsecond=0)
+    names = [f"job-{n:04d}" for n in range(_driver.MANY_CHUNK * 2 + 201)]
+    try:
+        assert await url_locker.lock_many(names[:3], tick)  # opens the connection
+        driver_acquire = url_locker._driver_acquire
+        assert driver_acquire is not None and driver_acquire.decides_many
+        taken = await other.lock_many(names[::7], tick)
+        with caplog.at_level(logging.DEBUG):
+            won = await url_locker.lock_many(names, tick)
+    finally:
+        await other.aclose()
+
+    expected = set(names[3:]) - set(taken)
+    assert set(won) == expected
+    assert sorted(driver_acquire._many) == [3, 201, _driver.MANY_CHUNK]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    locks = lock_table(MetaData(), name=backend.table_name)
+    engine = create_async_engine(backend.url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(locks.select())).mappings().all()
+    finally:
+        await engine.dispose()
+    by_name = {row["job_name"]: row for row in rows}
+    assert len(rows) == len(names)
+    assert {name: by_name[name]["id"] for name in won} == {n: lock.id for n, lock in won.items()}
+    assert {by_name[name]["worker"] for name in won} == {"w"}
+    assert {by_name[name]["worker"] for name in taken} == {"other"}
+
+
+async def test_lock_many_compiles_each_size_once_and_keeps_a_few(url_locker: AsyncDBLocker) -> None:
+    tick = datetime.now(UTC).replace(microsecond=0)
+    driver_acquire = url_locker._driver_acquire
+    assert driver_acquire is not None
+    for size in range(1, _driver._MANY_CACHED + 3):
+        assert len(await url_locker.lock_many([f"s{size}-{i}" for i in range(size)], tick)) == size
+    assert len(driver_acquire._many) == _driver._MANY_CACHED
+    assert list(driver_acquire._many) == list(range(3, _driver._MANY_CACHED + 3))

@@ -12,6 +12,9 @@ the connections this path used stay checked out, in a short list of its own, for
 the next call. They go back to the pool when idle for a while (where its recycling
 and the server's idle timeout apply), on any error, and when the locker closes.
 
+lock_many() takes the same path with one multi-row INSERT per chunk of jobs,
+compiled once per chunk size, where the backend can return the rows it inserted.
+
 Used only on engines the locker created, whose connections are in autocommit by
 construction; with an engine passed in, the statement goes through SQLAlchemy.
 """
@@ -19,6 +22,8 @@ construction; with an engine passed in, the statement goes through SQLAlchemy.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Insert
@@ -26,26 +31,88 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 from sqlalchemy.util import greenlet_spawn
 
+from ._sql import mysql_duplicates_quiet
+
 #: The inputs of the acquire statement, bound per call; every other parameter is constant.
 _INPUTS = ("job_name", "job_identifier", "worker")
 
 #: A kept connection idle longer than this goes back to the pool instead of being used.
 KEEP_IDLE_S = 30.0
 
+#: Jobs per multi-row INSERT of lock_many(): a few thousand bound parameters, far
+#: below every driver's limit.
+MANY_CHUNK = 500
+
+#: Multi-row statements kept compiled, by row count (compiling 500 rows takes ~40 ms).
+_MANY_CACHED = 8
+
+
+class _Compiled:
+    """A statement compiled for one driver, and where each call's values go in it."""
+
+    __slots__ = ("constants", "slots", "sql")
+
+    def __init__(
+        self, engine: AsyncEngine, statement: Insert, inputs: Callable[[str], int]
+    ) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        order = compiled.positiontup or []
+        self.sql = str(compiled)
+        self.constants = [compiled.params.get(name) for name in order]
+        # (position in the statement, index in the call's values), for every input.
+        self.slots = [(i, inputs(name)) for i, name in enumerate(order) if inputs(name) >= 0]
+
+    def arguments(self, values: Sequence[Any]) -> list[Any]:
+        arguments = list(self.constants)
+        for position, which in self.slots:
+            arguments[position] = values[which]
+        return arguments
+
+
+def _single_input(name: str) -> int:
+    return _INPUTS.index(name) if name in _INPUTS else -1
+
+
+def _row_input(name: str) -> int:
+    """Index of a multi-row statement's bind in ``[worker, name0, ident0, name1, ...]``."""
+    if name == "worker":
+        return 0
+    column, _, row = name.rpartition("_")
+    if column == "job_name" and row.isdigit():
+        return 1 + 2 * int(row)
+    if column == "job_identifier" and row.isdigit():
+        return 2 + 2 * int(row)
+    return -1
+
 
 class DriverAcquire:
     """The compiled acquire statement and how to send it through one driver."""
 
-    __slots__ = ("_constants", "_driver", "_encode", "_engine", "_idle", "_keep", "_slots", "sql")
+    __slots__ = (
+        "_acquire",
+        "_driver",
+        "_encode",
+        "_engine",
+        "_idle",
+        "_keep",
+        "_many",
+        "_rows_statement",
+        "sql",
+    )
 
-    def __init__(self, engine: AsyncEngine, statement: Insert, driver: str) -> None:
-        compiled = statement.compile(dialect=engine.dialect)
-        order = compiled.positiontup or []
-        self.sql = str(compiled)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        statement: Insert,
+        driver: str,
+        rows_statement: Callable[[int], Insert] | None = None,
+    ) -> None:
+        self._acquire = _Compiled(engine, statement, _single_input)
+        self.sql = self._acquire.sql
         self._engine = engine
         self._driver = driver
-        self._constants = [compiled.params.get(name) for name in order]
-        self._slots = [(i, _INPUTS.index(name)) for i, name in enumerate(order) if name in _INPUTS]
+        self._rows_statement = rows_statement
+        self._many: OrderedDict[int, _Compiled] = OrderedDict()
         # Job names and identifiers are stored as UTF-8 bytes on MySQL (see ExactText).
         self._encode = driver == "asyncmy"
         # Connections kept checked out between calls, each with when it was last used.
@@ -57,40 +124,97 @@ class DriverAcquire:
 
     @classmethod
     def for_engine(
-        cls, engine: AsyncEngine, statement: Insert, *, owned: bool
+        cls,
+        engine: AsyncEngine,
+        statement: Insert,
+        *,
+        owned: bool,
+        rows_statement: Callable[[int], Insert] | None = None,
     ) -> DriverAcquire | None:
         driver = engine.dialect.driver
         if owned and driver in ("asyncpg", "asyncmy", "aiosqlite"):
-            return cls(engine, statement, driver)
+            return cls(engine, statement, driver, rows_statement)
         return None
 
     def _arguments(self, job_name: str, identifier: str, worker: str) -> list[Any]:
-        values: tuple[Any, ...] = (job_name, identifier, worker)
         if self._encode:
-            values = (job_name.encode(), identifier.encode(), worker)
-        arguments = list(self._constants)
-        for position, which in self._slots:
-            arguments[position] = values[which]
-        return arguments
+            return self._acquire.arguments((job_name.encode(), identifier.encode(), worker))
+        return self._acquire.arguments((job_name, identifier, worker))
 
     async def __call__(self, job_name: str, identifier: str, worker: str) -> int | None:
         """Send the INSERT; the new row's id, or ``None`` when the tick was taken."""
         arguments = self._arguments(job_name, identifier, worker)
+        row_id = await self._send(self.sql, arguments, rows=False)
+        return None if row_id is None else int(row_id)
+
+    @property
+    def decides_many(self) -> bool:
+        """Whether :meth:`many` can run here: a multi-row INSERT that returns its rows."""
+        return self._rows_statement is not None and bool(self._engine.dialect.insert_returning)
+
+    async def many(
+        self, names: Sequence[str], identifiers: Sequence[str], worker: str
+    ) -> dict[str, int]:
+        """Insert one row per job, ``MANY_CHUNK`` jobs per statement; the ids won, by job."""
+        won: dict[str, int] = {}
+        for start in range(0, len(names), MANY_CHUNK):
+            chunk = range(start, min(start + MANY_CHUNK, len(names)))
+            compiled = self._compiled_for(len(chunk))
+            values: list[Any] = [worker]
+            for i in chunk:
+                values += self._row_values(names[i], identifiers[i])
+            for row_id, name in await self._send(
+                compiled.sql, compiled.arguments(values), rows=True
+            ):
+                won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
+        return won
+
+    def _row_values(self, job_name: str, identifier: str) -> tuple[Any, Any]:
+        if self._encode:
+            return job_name.encode(), identifier.encode()
+        return job_name, identifier
+
+    def _compiled_for(self, count: int) -> _Compiled:
+        compiled = self._many.get(count)
+        if compiled is None:
+            assert self._rows_statement is not None
+            compiled = _Compiled(self._engine, self._rows_statement(count), _row_input)
+            self._many[count] = compiled
+            if len(self._many) > _MANY_CACHED:
+                self._many.popitem(last=False)
+        else:
+            self._many.move_to_end(count)
+        return compiled
+
+    async def _send(self, sql: str, arguments: list[Any], *, rows: bool) -> Any:
+        """Run one statement on a kept or pooled connection.
+
+        ``rows``: return every row it returned; else the new row's id or ``None``.
+        """
         pooled = await self._checkout()
         try:
             connection = pooled.driver_connection
             assert connection is not None
-            row_id: Any
+            result: Any
             if self._driver == "asyncpg":
-                row_id = await connection.fetchval(self.sql, *arguments)
+                if rows:
+                    result = await connection.fetch(sql, *arguments)
+                else:
+                    result = await connection.fetchval(sql, *arguments)
             elif self._driver == "asyncmy":
                 async with connection.cursor() as cursor:
-                    await cursor.execute(self.sql, arguments)
-                    row_id = cursor.lastrowid or None
+                    if rows:
+                        # INSERT IGNORE: each taken tick is a warning (see _sql).
+                        with mysql_duplicates_quiet():
+                            await cursor.execute(sql, arguments)
+                        result = await cursor.fetchall()
+                    else:
+                        await cursor.execute(sql, arguments)
+                        result = cursor.lastrowid or None
             else:
                 # One hop to aiosqlite's thread: execute and fetch together.
-                rows = await connection.execute_fetchall(self.sql, arguments)
-                row_id = rows[0][0] if rows else None
+                fetched = await connection.execute_fetchall(sql, arguments)
+                result = fetched if rows else (fetched[0][0] if fetched else None)
         except BaseException as error:
             # Failed, timed out or cancelled midway: this connection's state is unknown,
             # and when the server went away the pool's other connections are likely dead
@@ -104,7 +228,7 @@ class DriverAcquire:
             self._idle.append((pooled, time.monotonic()))
         else:
             await greenlet_spawn(pooled.close)
-        return None if row_id is None else int(row_id)
+        return result
 
     async def _checkout(self) -> PoolProxiedConnection:
         """A kept connection used recently, else one from the pool."""

@@ -214,7 +214,10 @@ class AsyncDBLocker:
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else self._engine
         self._sql = Statements(self.table, self._engine.dialect.name)
         self._driver_acquire = DriverAcquire.for_engine(
-            self._engine, self._sql.acquire, owned=self._owns_engine
+            self._engine,
+            self._sql.acquire,
+            owned=self._owns_engine,
+            rows_statement=self._sql.acquire_rows,
         )
         # SQLite has one writer at a time: queue this process's statements in order
         # instead of letting each wait in SQLite's busy loop, which backs off in
@@ -384,7 +387,17 @@ class AsyncDBLocker:
         run_time, stale = self._tick_time(run_time)
         if not names or stale:
             return {}
-        identifiers = {name: compute_identifier(self.identifier, name, run_time) for name in names}
+        if isinstance(self.identifier, Precision):  # the same for every job
+            identifier = compute_identifier(self.identifier, names[0], run_time)
+            identifiers = dict.fromkeys(names, identifier)
+        else:
+            identifiers = {
+                name: compute_identifier(self.identifier, name, run_time) for name in names
+            }
+        operation = f"lock_many({len(names)} jobs)"
+        if self._driver_acquire is not None and self._driver_acquire.decides_many:
+            won = await self._run_driver_many(operation, names, list(identifiers.values()))
+            return self._many_locks(won, identifiers, run_time)
         rows = [
             {"job_name": name, "job_identifier": identifiers[name], "worker": self.worker}
             for name in names
@@ -409,7 +422,12 @@ class AsyncDBLocker:
                     won[row["job_name"]] = row_id
             return won
 
-        won = await self._run(f"lock_many({len(names)} jobs)", insert)
+        won = await self._run(operation, insert)
+        return self._many_locks(won, identifiers, run_time)
+
+    def _many_locks(
+        self, won: dict[str, int], identifiers: dict[str, str], run_time: datetime
+    ) -> dict[str, Lock]:
         return {
             name: Lock(
                 self,
@@ -826,6 +844,17 @@ class AsyncDBLocker:
         try:
             async with Deadline(self.timeout), self._serial:
                 return await self._driver_acquire(job_name, identifier, self.worker), False
+        except Exception as error:
+            raise self._backend_error(error, operation, lost_connection(error)) from error
+
+    async def _run_driver_many(
+        self, operation: str, names: list[str], identifiers: list[str]
+    ) -> dict[str, int]:
+        """lock_many()'s INSERTs through the driver, with _run's guarantees."""
+        assert self._driver_acquire is not None
+        try:
+            async with Deadline(self.timeout), self._serial:
+                return await self._driver_acquire.many(names, identifiers, self.worker)
         except Exception as error:
             raise self._backend_error(error, operation, lost_connection(error)) from error
 

@@ -175,6 +175,7 @@ class Statements:
             )
 
         self._now = now
+        self._row = row
         self.finish: Update = (
             update(table)
             .where(c.id == bindparam("lock_id"), c.status == Status.RUNNING.value)
@@ -307,6 +308,36 @@ class Statements:
                     updated_at=now,
                 )
             )
+
+    def acquire_rows(self, count: int) -> Insert:
+        """lock_many()'s INSERT of ``count`` rows, as one statement with one VALUES list.
+
+        Row ``i`` binds ``job_name_<i>`` and ``job_identifier_<i>``; all share
+        ``worker``. It returns ``(id, job_name)`` of the rows inserted, and needs
+        RETURNING: PostgreSQL, SQLite and MariaDB 10.5+.
+        """
+        from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+        c = self.table.c
+        rows = [
+            {
+                **self._row,
+                "job_name": bindparam(f"job_name_{i}", type_=c.job_name.type),
+                "job_identifier": bindparam(f"job_identifier_{i}", type_=c.job_identifier.type),
+            }
+            for i in range(count)
+        ]
+        if self.dialect_name in MYSQL_DIALECTS:
+            # See acquire_ignoring_returning_job.
+            ignoring = mysql.insert(self.table).prefix_with("IGNORE").values(rows)
+            return ignoring.returning(c.id, c.job_name)
+        dialect_insert = postgresql.insert if self.dialect_name == "postgresql" else sqlite.insert
+        return (
+            dialect_insert(self.table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
+            .returning(c.id, c.job_name)
+        )
 
     def prune_batch(
         self, cutoff: datetime, limit: int, floor: datetime | None = None
