@@ -49,10 +49,10 @@ async def capture_many(locker: AsyncDBLocker, jobs: int, run_time: datetime) -> 
         # A URL-built locker sends it through the driver, past SQLAlchemy's events:
         # take the compiled statement and its arguments from the locker.
         compiled = driver_path._compiled_for(jobs)
-        values: list[Any] = [locker.worker]
+        bound: list[Any] = [locker.worker]
         for name in names:
-            values += driver_path._row_values(name, identifier)
-        return Statement.from_capture(compiled.sql, compiled.arguments(values), sentinels)
+            bound += driver_path._row_values(name, identifier)
+        return Statement.from_capture(compiled.sql, compiled.arguments(bound), sentinels)
     inserts = [(sql, p) for sql, p in seen if sql.lstrip().upper().startswith("INSERT")]
     if len(inserts) == 1:
         return Statement.from_capture(inserts[0][0], inserts[0][1], sentinels)
