@@ -117,10 +117,11 @@ class DriverAcquire:
         self._encode = driver == "asyncmy"
         # Connections kept checked out between calls, each with when it was last used.
         self._idle: list[tuple[PoolProxiedConnection, float]] = []
-        # Half the pool at most, so SQLAlchemy's own checkouts (unlock, clean) keep
-        # their share; none from a single-connection pool (in-memory SQLite).
+        # As many as the pool holds idle (SQLAlchemy's own checkouts, for unlock and
+        # clean, still have the overflow); none from a single-connection pool
+        # (in-memory SQLite).
         pool = engine.sync_engine.pool
-        self._keep = max(1, pool.size() // 2) if isinstance(pool, QueuePool) else 0
+        self._keep = pool.size() if isinstance(pool, QueuePool) else 0
 
     @classmethod
     def for_engine(
