@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import aiocronlock._locker
 from aiocronlock import AsyncDBLocker, lock_table
+from aiocronlock._locker import CLEAN_STATEMENT_S, _next_batch
 from conftest import Backend, LockerFactory, StatementCounter, fetch_rows, watch_log
 
 CLEANER_JOB = "aiocronlock.cleaner"
@@ -391,3 +392,14 @@ async def test_aclose_stops_the_cleaner(
     calls = spy.calls
     await asyncio.sleep(3 * INTERVAL)
     assert spy.calls == calls
+
+
+def test_batches_shrink_while_deletes_are_slow_and_grow_back_to_the_maximum() -> None:
+    slow, fast, fine = 2 * CLEAN_STATEMENT_S, CLEAN_STATEMENT_S / 4, CLEAN_STATEMENT_S * 0.75
+    assert _next_batch(2000, slow, 2000) == 1000
+    assert _next_batch(60, slow, 2000) == 50  # never below the floor
+    assert _next_batch(50, slow, 2000) == 50
+    assert _next_batch(500, fast, 2000) == 1000
+    assert _next_batch(1500, fast, 2000) == 2000  # never above clean_batch_size
+    assert _next_batch(3, fast, 3) == 3
+    assert _next_batch(700, fine, 2000) == 700

@@ -48,9 +48,11 @@ _T = TypeVar("_T")
 #: The most rows one pruning DELETE removes: small enough that no single statement
 #: holds its locks for long, so ``lock()`` calls interleave with a large prune.
 DEFAULT_CLEAN_BATCH_SIZE = 2000
-#: How long one pruning DELETE should take: batches shrink or grow (up to
-#: ``clean_batch_size``) toward it, so a slow or busy database gets smaller ones.
-CLEAN_STATEMENT_S = 0.005
+#: The longest a pruning DELETE should take: batches halve while one takes longer,
+#: and double again (up to ``clean_batch_size``) once one takes under half of it, so
+#: a slow or busy database gets smaller ones. Fewer, larger batches cost the
+#: database less in all than many small ones: each statement has its own commit.
+CLEAN_STATEMENT_S = 0.05
 #: The share of the time a prune keeps the database busy: after a DELETE that took
 #: ``d`` seconds the cleaner rests ``d * (1 - share) / share``, leaving the rest to the
 #: INSERTs that decide ticks.
@@ -641,8 +643,8 @@ class AsyncDBLocker:
     async def clean(self) -> int:
         """Delete rows older than ``ttl`` now, in batches; return how many were deleted.
 
-        Each batch is sized to take about ``CLEAN_STATEMENT_S`` (at most
-        ``clean_batch_size`` rows), and after each the cleaner rests so that it keeps
+        Batches hold at most ``clean_batch_size`` rows, fewer while a DELETE takes
+        over ``CLEAN_STATEMENT_S``, and after each the cleaner rests so that it keeps
         the database busy at most ``CLEAN_BUSY_SHARE`` of the time: a big backlog goes
         slowly rather than slowing down the ``lock()`` calls of every instance.
 
