@@ -2,24 +2,22 @@
 
 Not one of the benchmarks: a diagnostic for the library's maintainers. On a lost tick
 (no disk write, so the database's share is small and steady) it times, interleaved,
-the same INSERT sent through successively more of the stack:
+the same INSERT sent through successively more of what a URL-built locker does:
 
-1. the raw driver;
-   then the driver connection behind SQLAlchemy's pool (``AsyncEngine.raw_connection()``
-   and its ``driver_connection``): the pool's own cost, without SQLAlchemy's execution;
-2. ``AsyncConnection.exec_driver_sql`` on the locker's engine (pool checkout,
-   greenlet bridge, DBAPI adapter; no statement compilation);
-3. ``AsyncConnection.execute`` of the locker's own statement object (adds SQLAlchemy's
-   compiled-cache lookup, parameter processing and result setup);
-4. the same inside ``asyncio.timeout`` (``AsyncDBLocker._run`` puts a deadline around it);
-5. the same run as a task behind ``asyncio.shield`` (as ``AsyncDBLocker._acquire`` does);
-6. ``locker.lock()`` itself.
+1. the raw driver, through its own pool;
+2. the driver call on one connection held for the whole run (what the locker's
+   kept connections give it);
+3. the same inside the locker's ``Deadline``;
+4. the same run as a task behind the locker's shield (``_settle``);
+5. ``locker.lock()`` itself (adds validation, the identifier, the ``Lock`` and events).
 
-It also counts event-loop iterations per call (each one a trip through the selector,
-and a thread hop on SQLite), for the raw driver and for ``lock()``. Then it profiles
-``lock()`` with cProfile and prints the functions with the most own time. Step 3
-reads the locker's private statement (``locker._sql.acquire``), and the iteration
-count wraps the loop's private ``_run_once``: this is a diagnostic, not an API user.
+and, for comparison with step 1, two other ways: the driver call on a connection
+checked out of SQLAlchemy's pool for each call (what keeping connections saves), and
+``AsyncConnection.execute`` of the locker's statement (how a locker given an engine
+of yours sends it). It also counts event-loop iterations per call for the raw driver
+and for ``lock()``, then profiles ``lock()`` with cProfile and prints the functions
+with the most own time. It reads the locker's private parts (``_sql``, ``_settle``,
+``Deadline``) and wraps the loop's private ``_run_once``: a diagnostic, not an API user.
 """
 
 from __future__ import annotations
@@ -39,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from aiocronlock import precision
+from aiocronlock._deadline import Deadline
+from aiocronlock._locker import _settle
 
 from ._backends import BACKENDS, WORKER, drop_tables, make_backend, new_table_name
 from ._raw import open_raw
@@ -70,6 +70,7 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
     locker = backend.locker()
     await locker.create_table()
     raw = await open_raw(backend)
+    kept: Any = None
     try:
         run_time = datetime.now(UTC)
         statement = await capture_acquire(locker, run_time)  # its key now exists: every
@@ -104,11 +105,21 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
             else:
                 await conn.execute_fetchall(statement.sql, params)
 
-        async def driver_sql() -> None:
-            async with engine.connect() as conn:
-                result = await conn.exec_driver_sql(statement.sql, params)
-                if result.returns_rows:
-                    result.all()
+        kept = await engine.raw_connection()
+        loop = asyncio.get_running_loop()
+
+        async def kept_driver() -> None:
+            await driver_insert(kept.driver_connection)
+
+        async def with_deadline() -> None:
+            async with Deadline(5.0):
+                await kept_driver()
+
+        async def settled() -> None:
+            outcome: asyncio.Future[None] = loop.create_future()
+            attempt = loop.create_task(_settle(with_deadline(), outcome))
+            await outcome
+            await attempt  # done by now, as it is in lock()
 
         async def core_execute() -> None:
             async with engine.connect() as conn:
@@ -116,26 +127,22 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
                 if result.returns_rows:
                     result.all()
 
-        async def with_timeout() -> None:
-            async with asyncio.timeout(5.0):
-                await core_execute()
-
-        async def shielded() -> None:
-            await asyncio.shield(asyncio.ensure_future(with_timeout()))
-
         async def lock() -> None:
             if await locker.lock(job, run_time) is not None:
                 raise RuntimeError("expected to lose")
 
-        steps: dict[str, Callable[[], Awaitable[None]]] = {
+        chain: dict[str, Callable[[], Awaitable[None]]] = {
             "1 raw driver": raw_driver,
-            "1b SQLAlchemy pool + driver call": pooled_driver,
-            "2 + SQLAlchemy exec_driver_sql": driver_sql,
-            "3 + Core execute(statement)": core_execute,
-            "4 + asyncio.timeout": with_timeout,
-            "5 + task and asyncio.shield": shielded,
-            "6 locker.lock()": lock,
+            "2 driver call, connection kept": kept_driver,
+            "3 + Deadline": with_deadline,
+            "4 + task and shield (_settle)": settled,
+            "5 locker.lock()": lock,
         }
+        others: dict[str, Callable[[], Awaitable[None]]] = {
+            "driver call, pool checkout per call": pooled_driver,
+            "SQLAlchemy execute (engine of yours)": core_execute,
+        }
+        steps = {**chain, **others}
         samples: dict[str, list[int]] = {step: [] for step in steps}
         for warm in steps.values():
             for _ in range(50):
@@ -149,12 +156,17 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
                     samples[step].append(time.perf_counter_ns() - start)
 
         lines = [f"lock() on a lost tick, {backend.name}: median per call, interleaved rounds"]
+        medians = {label: statistics.median(values) / 1000 for label, values in samples.items()}
         previous = None
-        for label, values in samples.items():
-            median = statistics.median(values) / 1000
-            added = "" if previous is None else f"  (+{median - previous:6.1f} us)"
-            lines.append(f"  {label:34} {median:8.1f} us{added}")
-            previous = median
+        for label in chain:
+            added = "" if previous is None else f"  ({medians[label] - previous:+6.1f} us)"
+            lines.append(f"  {label:38} {medians[label]:8.1f} us{added}")
+            previous = medians[label]
+        raw_median = medians["1 raw driver"]
+        lines.append("  other ways, against the raw driver:")
+        for label in others:
+            added = f"  ({medians[label] - raw_median:+6.1f} us)"
+            lines.append(f"  {label:38} {medians[label]:8.1f} us{added}")
 
         for label, call in (("raw driver", raw_driver), ("locker.lock()", lock)):
             per_call = await loop_iterations(call)
@@ -172,6 +184,8 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
         lines.append(text.getvalue())
         return "\n".join(lines)
     finally:
+        if kept is not None:
+            kept.close()
         await raw.aclose()
         await locker.aclose()
         await drop_tables(backend, backend.table)
