@@ -610,3 +610,38 @@ async def test_cancelled_during_unlock_still_records_the_outcome(
     assert lock.released
     assert await _statuses(direct, table, job) == [("a", "FINISHED")]
     assert _checked_out(a) == 0
+
+
+@pytest.mark.parametrize("cancel_after", [0.05, 0.3])
+async def test_cancelled_lock_many_leaves_no_running_row(
+    server: str,
+    proxy: Proxy,
+    direct: AsyncEngine,
+    table: str,
+    make: LockerMaker,
+    caplog: pytest.LogCaptureFixture,
+    cancel_after: float,
+) -> None:
+    """As for lock(): the INSERT still lands, and every row it won says FAILED."""
+    caplog.set_level(logging.INFO, logger="aiocronlock")
+    a = make(proxy.route(server), worker="a", timeout=3)
+    warm = await a.lock_many(["warm-up"], _tick())
+    await warm["warm-up"].unlock()  # prepares the UPDATE too, on PostgreSQL
+    jobs, tick = [_job(), _job(), _job()], _tick()
+    proxy.delay(0.2)
+
+    call = asyncio.create_task(a.lock_many(jobs, tick))
+    await asyncio.sleep(cancel_after)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert _checked_out(a) == 0
+    for job in jobs:
+        assert await _statuses(direct, table, job) == [("a", "FAILED")]
+    assert (
+        sum("lock_many() was cancelled after winning" in r.getMessage() for r in caplog.records)
+        == 3
+    )
+    proxy.delay(0)
+    assert await a.lock_many(jobs, tick) == {}

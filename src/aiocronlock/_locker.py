@@ -397,35 +397,50 @@ class AsyncDBLocker:
                 name: compute_identifier(self.identifier, name, run_time) for name in names
             }
         operation = f"lock_many({len(names)} jobs)"
+        deciding: Awaitable[dict[str, int]]
         if self._driver_acquire is not None and self._driver_acquire.decides_many:
-            won = await self._run_driver_many(operation, names, list(identifiers.values()))
-            return self._many_locks(won, identifiers, run_time)
+            deciding = self._run_driver_many(operation, names, list(identifiers.values()))
+        else:
+            deciding = self._run(
+                operation, functools.partial(self._insert_many, names, identifiers)
+            )
+        # Shielded like lock(): a cancelled call still learns which rows it won, and
+        # marks them FAILED.
+        loop = asyncio.get_running_loop()
+        outcome: Future[dict[str, int]] = loop.create_future()
+        attempt = loop.create_task(_settle(deciding, outcome))
+        try:
+            won = await outcome
+        except asyncio.CancelledError:
+            await self._abandon_many(attempt, identifiers)
+            raise
+        return self._many_locks(won, identifiers, run_time)
+
+    async def _insert_many(
+        self, names: list[str], identifiers: dict[str, str], conn: AsyncConnection
+    ) -> dict[str, int]:
+        """lock_many()'s INSERTs through SQLAlchemy: the ids won, by job name."""
         rows = [
             {"job_name": name, "job_identifier": identifiers[name], "worker": self.worker}
             for name in names
         ]
-
-        async def insert(conn: AsyncConnection) -> dict[str, int]:
-            won: dict[str, int] = {}
-            if self._sql.acquire_returning_job is not None:
-                result = await conn.execute(self._sql.acquire_returning_job, rows)
-                return {row.job_name: row.id for row in result}
-            ignoring = self._sql.acquire_ignoring_returning_job
-            if ignoring is not None and conn.dialect.insert_returning:
-                # MariaDB 10.5+. A lost tick is a duplicate-key warning, which the driver
-                # fetches (one more round trip) and would log once per job.
-                with mysql_duplicates_quiet():
-                    result = await conn.execute(ignoring, rows)
-                return {row.job_name: row.id for row in result}
-            # MySQL: one INSERT per job, whose lastrowid says whether it won.
-            for row in rows:
-                row_id = (await conn.execute(self._sql.acquire, row)).lastrowid
-                if row_id:
-                    won[row["job_name"]] = row_id
-            return won
-
-        won = await self._run(operation, insert)
-        return self._many_locks(won, identifiers, run_time)
+        if self._sql.acquire_returning_job is not None:
+            result = await conn.execute(self._sql.acquire_returning_job, rows)
+            return {row.job_name: row.id for row in result}
+        ignoring = self._sql.acquire_ignoring_returning_job
+        if ignoring is not None and conn.dialect.insert_returning:
+            # MariaDB 10.5+. A lost tick is a duplicate-key warning, which the driver
+            # fetches (one more round trip) and would log once per job.
+            with mysql_duplicates_quiet():
+                result = await conn.execute(ignoring, rows)
+            return {row.job_name: row.id for row in result}
+        # MySQL: one INSERT per job, whose lastrowid says whether it won.
+        won: dict[str, int] = {}
+        for row in rows:
+            row_id = (await conn.execute(self._sql.acquire, row)).lastrowid
+            if row_id:
+                won[row["job_name"]] = row_id
+        return won
 
     def _many_locks(
         self, won: dict[str, int], identifiers: dict[str, str], run_time: datetime
@@ -599,6 +614,31 @@ class AsyncDBLocker:
                 "lock(%r) was cancelled and its outcome for %s is unknown: %s",
                 job_name,
                 identifier,
+                error,
+            )
+
+    async def _abandon_many(
+        self,
+        attempt: asyncio.Task[tuple[dict[str, int]] | None],
+        identifiers: dict[str, str],
+    ) -> None:
+        """After a cancelled lock_many(): wait for the inserts, mark the rows won FAILED."""
+        try:
+            decided = await attempt
+            assert decided is not None  # the caller was cancelled: _settle gives it back
+            (won,) = decided
+            for name, row_id in won.items():
+                await self._finish(row_id, Status.FAILED)
+                logger.info(
+                    "lock_many() was cancelled after winning %r %s; its row %d is marked FAILED",
+                    name,
+                    identifiers[name],
+                    row_id,
+                )
+        except Exception as error:
+            logger.warning(
+                "lock_many() of %d jobs was cancelled and its outcome is unknown: %s",
+                len(identifiers),
                 error,
             )
 
