@@ -8,9 +8,10 @@ from SQLAlchemy's pool: same SQL, same pool, one round trip, none of the overhea
 
 Checking a connection out of SQLAlchemy's pool and back in costs about as much as
 the rest of the call together (a greenlet hand-off and the pool's bookkeeping), so
-the connections this path used stay checked out, in a short list of its own, for
-the next call. They go back to the pool when idle for a while (where its recycling
-and the server's idle timeout apply), on any error, and when the locker closes.
+the connections this path used stay checked out, in a list of its own (at most
+the pool's size), for the next call. They go back to the pool when idle for a
+while (where its recycling and the server's idle timeout apply), on any error, and
+when the locker closes.
 
 lock_many() takes the same path with one multi-row INSERT per chunk of jobs,
 compiled once per chunk size, where the backend can return the rows it inserted.
@@ -86,7 +87,8 @@ def _row_input(name: str) -> int:
 
 
 class DriverAcquire:
-    """The compiled acquire statement and how to send it through one driver."""
+    """The compiled acquire statements (one row, and many), the connections kept for
+    them, and how to send them through one driver."""
 
     __slots__ = (
         "_acquire",
