@@ -192,3 +192,72 @@ async def test_lock_many_compiles_each_size_once_and_keeps_a_few(url_locker: Asy
         assert len(await url_locker.lock_many([f"s{size}-{i}" for i in range(size)], tick)) == size
     assert len(driver_acquire._many) == _driver._MANY_CACHED
     assert list(driver_acquire._many) == list(range(3, _driver._MANY_CACHED + 3))
+
+
+async def test_lock_many_failing_part_way_marks_the_rows_it_won_failed(
+    backend: Backend, url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first statement wins its rows, the second fails: nobody will run the first's."""
+    tick = datetime.now(UTC).replace(microsecond=0)
+    assert await url_locker.lock_many(["warm-up"], tick)
+    real_send = _driver.DriverAcquire._send
+    sent = 0
+
+    async def second_fails(self: Any, sql: str, arguments: list[Any], *, rows: bool) -> Any:
+        nonlocal sent
+        if rows:
+            sent += 1
+            if sent == 2:
+                raise OSError("connection reset by peer")
+        return await real_send(self, sql, arguments, rows=rows)
+
+    monkeypatch.setattr(_driver.DriverAcquire, "_send", second_fails)
+    names = [f"job-{n:04d}" for n in range(_driver.MANY_CHUNK + 3)]
+    with pytest.raises(BackendError) as info:
+        await url_locker.lock_many(names, tick)
+    assert info.value.operation.startswith(f"lock_many({len(names)} jobs) on ")
+
+    locks = lock_table(MetaData(), name=backend.table_name)
+    engine = create_async_engine(backend.url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(locks.select())).mappings().all()
+    finally:
+        await engine.dispose()
+    statuses = {row["job_name"]: row["status"] for row in rows if row["job_name"] != "warm-up"}
+    assert statuses == dict.fromkeys(names[: _driver.MANY_CHUNK], "FAILED")
+
+
+async def test_lock_many_refuses_job_names_it_did_not_send(
+    url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a lock table with a narrower job_name column would do under INSERT IGNORE."""
+    tick = datetime.now(UTC).replace(microsecond=0)
+    real_many = _driver.DriverAcquire.many
+
+    async def truncating(self: Any, names: Any, identifiers: Any, worker: str, won: Any) -> None:
+        await real_many(self, names, identifiers, worker, won)
+        won["job-"] = won.pop("job-long-name")
+
+    monkeypatch.setattr(_driver.DriverAcquire, "many", truncating)
+    with pytest.raises(BackendError, match="returned job names that were not sent") as info:
+        await url_locker.lock_many(["job-long-name", "other"], tick)
+    assert info.value.operation.startswith("lock_many(2 jobs) on ")
+    assert info.value.hint is not None and "create_table()" in info.value.hint
+    history = {run.job_name: run.status for run in await url_locker.history()}
+    assert history == {"job-long-name": "FAILED", "other": "FAILED"}
+
+
+async def test_an_attempt_whose_error_reached_the_caller_is_abandoned_quietly(
+    url_locker: AsyncDBLocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled after the INSERT failed: nothing was won, and nothing is unknown."""
+
+    async def handed_over() -> None:
+        return None  # what _settle returns once it gave the error to the caller
+
+    attempt: Any = asyncio.ensure_future(handed_over())
+    with caplog.at_level(logging.INFO, logger="aiocronlock"):
+        await url_locker._abandon(attempt, "job", "ident", exclusive=False)
+        await url_locker._abandon_many(asyncio.ensure_future(handed_over()), {"job": "ident"})
+    assert [r.getMessage() for r in caplog.records] == []

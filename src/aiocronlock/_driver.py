@@ -22,6 +22,7 @@ construction; with an engine passed in, the statement goes through SQLAlchemy.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -61,7 +62,8 @@ class _Compiled:
         self.sql = str(compiled)
         self.constants = [compiled.params.get(name) for name in order]
         # (position in the statement, index in the call's values), for every input.
-        self.slots = [(i, inputs(name)) for i, name in enumerate(order) if inputs(name) >= 0]
+        where = [(i, inputs(name)) for i, name in enumerate(order)]
+        self.slots = [(i, which) for i, which in where if which >= 0]
 
     def arguments(self, values: Sequence[Any]) -> list[Any]:
         arguments = list(self.constants)
@@ -98,6 +100,7 @@ class DriverAcquire:
         "_idle",
         "_keep",
         "_many",
+        "_returning",
         "_rows_statement",
         "sql",
     )
@@ -119,6 +122,8 @@ class DriverAcquire:
         self._encode = driver == "asyncmy"
         # Connections kept checked out between calls, each with when it was last used.
         self._idle: list[tuple[PoolProxiedConnection, float]] = []
+        # Connections on their way back to the pool (see _give_back).
+        self._returning: set[asyncio.Task[None]] = set()
         # As many as the pool holds idle (SQLAlchemy's own checkouts, for unlock and
         # clean, still have the overflow); none from a single-connection pool
         # (in-memory SQLite).
@@ -156,10 +161,11 @@ class DriverAcquire:
         return self._rows_statement is not None and bool(self._engine.dialect.insert_returning)
 
     async def many(
-        self, names: Sequence[str], identifiers: Sequence[str], worker: str
-    ) -> dict[str, int]:
-        """Insert one row per job, ``MANY_CHUNK`` jobs per statement; the ids won, by job."""
-        won: dict[str, int] = {}
+        self, names: Sequence[str], identifiers: Sequence[str], worker: str, won: dict[str, int]
+    ) -> None:
+        """Insert one row per job, ``MANY_CHUNK`` jobs per statement, adding the ids won to
+        ``won`` by job as each statement returns: if a later one fails, the caller still
+        knows the rows the earlier ones won."""
         for start in range(0, len(names), MANY_CHUNK):
             chunk = range(start, min(start + MANY_CHUNK, len(names)))
             compiled = self._compiled_for(len(chunk))
@@ -170,7 +176,6 @@ class DriverAcquire:
                 compiled.sql, compiled.arguments(values), rows=True
             ):
                 won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
-        return won
 
     def _row_values(self, job_name: str, identifier: str) -> tuple[Any, Any]:
         if self._encode:
@@ -225,34 +230,47 @@ class DriverAcquire:
             # its next checkout.
             self._engine.sync_engine.pool._invalidate(pooled, error)
             # The kept ones too: back to the pool, which reconnects them on checkout.
-            await self.release()
+            self.release()
             raise
         if len(self._idle) < self._keep:
             self._idle.append((pooled, time.monotonic()))
         else:
-            await greenlet_spawn(pooled.close)
+            self._give_back(pooled)
         return result
 
     async def _checkout(self) -> PoolProxiedConnection:
         """A kept connection used recently, else one from the pool."""
-        idle = self._idle
-        while idle:
-            pooled, last_used = idle.pop()
+        while self._idle:
+            pooled, last_used = self._idle.pop()
             if time.monotonic() - last_used < KEEP_IDLE_S:
                 return pooled
-            await greenlet_spawn(pooled.close)
+            self._give_back(pooled)
         return await self._engine.raw_connection()
 
-    async def release(self) -> None:
-        """Return every kept connection to the pool."""
+    def _give_back(self, pooled: PoolProxiedConnection) -> None:
+        """Return a connection to the pool, in a task of its own.
+
+        The pool may close it, which is I/O; nothing a call has already decided may
+        wait on that, or be lost if the call's deadline cancels it meanwhile.
+        """
+        task = asyncio.get_running_loop().create_task(greenlet_spawn(pooled.close))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    def release(self) -> None:
+        """Return every kept connection to the pool (in the background)."""
         idle, self._idle = self._idle, []
         for pooled, _ in idle:
-            await greenlet_spawn(pooled.close)
+            self._give_back(pooled)
 
     async def close(self) -> None:
-        """Return the kept connections, and keep none from calls still under way."""
+        """Return the kept connections, keep none from calls still under way, and wait
+        for the connections on their way back to the pool."""
         self._keep = 0
-        await self.release()
+        self.release()
+        if self._returning:
+            # asyncio.wait, not gather: if this is cancelled, the returns still finish.
+            await asyncio.wait(set(self._returning))
 
 
 def lost_connection(error: BaseException) -> bool:

@@ -414,6 +414,17 @@ class AsyncDBLocker:
         except asyncio.CancelledError:
             await self._abandon_many(attempt, identifiers)
             raise
+        unknown = won.keys() - identifiers.keys()
+        if unknown:
+            # Only a table whose job_name column is narrower than the library's does
+            # this (it cut the names short), and MariaDB's INSERT IGNORE does not say so.
+            await self._fail_rows(won, "lock_many() got back job names it did not send")
+            raise BackendError(
+                f"{operation} on {self._target}",
+                f"the database returned job names that were not sent ({sorted(unknown)[:3]!r})",
+                hint=f"the table {self.table.name!r} does not match lock_table(); recreate "
+                "it with `await locker.create_table()` or `aiocronlock init`",
+            )
         return self._many_locks(won, identifiers, run_time)
 
     async def _insert_many(
@@ -597,7 +608,8 @@ class AsyncDBLocker:
         """After a cancelled lock(): wait for the insert, and mark a won row FAILED."""
         try:
             decided = await attempt
-            assert decided is not None  # the caller was cancelled: _settle gives it back
+            if decided is None:  # it failed, and its error went to the caller
+                return
             ((row_id, _),) = decided
             if row_id is not None:
                 await self._finish(
@@ -625,22 +637,16 @@ class AsyncDBLocker:
         """After a cancelled lock_many(): wait for the inserts, mark the rows won FAILED."""
         try:
             decided = await attempt
-            assert decided is not None  # the caller was cancelled: _settle gives it back
-            (won,) = decided
-            for name, row_id in won.items():
-                await self._finish(row_id, Status.FAILED)
-                logger.info(
-                    "lock_many() was cancelled after winning %r %s; its row %d is marked FAILED",
-                    name,
-                    identifiers[name],
-                    row_id,
-                )
         except Exception as error:
             logger.warning(
                 "lock_many() of %d jobs was cancelled and its outcome is unknown: %s",
                 len(identifiers),
                 error,
             )
+            return
+        if decided is not None:  # None: it failed, and its error went to the caller
+            (won,) = decided
+            await self._fail_rows(won, "lock_many() was cancelled")
 
     async def _finish(
         self, lock_id: int, status: Status, *, release_job: str | None = None
@@ -719,7 +725,7 @@ class AsyncDBLocker:
             total += deleted
             if deleted < batch:
                 break
-            await asyncio.sleep(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE)
+            await asyncio.sleep(min(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE, 1.0))
             batch = _next_batch(batch, took, self.clean_batch_size)
         if total:
             logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
@@ -892,13 +898,31 @@ class AsyncDBLocker:
     async def _run_driver_many(
         self, operation: str, names: list[str], identifiers: list[str]
     ) -> dict[str, int]:
-        """lock_many()'s INSERTs through the driver, with _run's guarantees."""
+        """lock_many()'s INSERTs through the driver, with _run's guarantees.
+
+        When a later statement fails after earlier ones won rows, those rows are marked
+        FAILED (nobody will run them) before the error is raised.
+        """
         assert self._driver_acquire is not None
+        won: dict[str, int] = {}
         try:
             async with Deadline(self.timeout), self._serial:
-                return await self._driver_acquire.many(names, identifiers, self.worker)
+                await self._driver_acquire.many(names, identifiers, self.worker, won)
+            return won
         except Exception as error:
+            if won:
+                await self._fail_rows(won, "lock_many() failed part-way")
             raise self._backend_error(error, operation, lost_connection(error)) from error
+
+    async def _fail_rows(self, won: dict[str, int], why: str) -> None:
+        """Mark rows won but never to be run FAILED, one by one, as far as possible."""
+        for name, row_id in won.items():
+            try:
+                await self._finish(row_id, Status.FAILED)
+            except BackendError as error:
+                logger.warning("%s: could not mark %r row %d FAILED: %s", why, name, row_id, error)
+            else:
+                logger.info("%s after winning %r; its row %d is marked FAILED", why, name, row_id)
 
     def _backend_error(
         self, error: Exception, operation: str, disconnected: bool = False
