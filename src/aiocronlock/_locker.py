@@ -54,8 +54,9 @@ DEFAULT_CLEAN_BATCH_SIZE = 2000
 #: database less in all than many small ones: each statement has its own commit.
 CLEAN_STATEMENT_S = 0.05
 #: The share of the time a prune keeps the database busy: after a DELETE that took
-#: ``d`` seconds the cleaner rests ``d * (1 - share) / share``, leaving the rest to the
-#: INSERTs that decide ticks.
+#: ``d`` seconds the cleaner rests ``d * (1 - share) / share`` (at most a second, so a
+#: prune does not outlast its interval), leaving the rest to the INSERTs that decide
+#: ticks.
 CLEAN_BUSY_SHARE = 0.1
 #: The fewest rows a pruning DELETE removes, however slow the database.
 _MIN_CLEAN_BATCH = 50
