@@ -37,11 +37,15 @@ class Precision:
 
     step: timedelta
 
-    def truncate(self, run_time: datetime) -> datetime:
-        """The start of the step that holds ``run_time``, in UTC."""
+    def _start(self, run_time: datetime) -> timedelta:
+        """How long after the Unix epoch the step that holds ``run_time`` starts."""
         step_us = self.step // _MICROSECOND
         elapsed_us = (run_time - _EPOCH) // _MICROSECOND
-        return _EPOCH + timedelta(microseconds=elapsed_us - elapsed_us % step_us)
+        return timedelta(microseconds=elapsed_us - elapsed_us % step_us)
+
+    def truncate(self, run_time: datetime) -> datetime:
+        """The start of the step that holds ``run_time``, in UTC."""
+        return _EPOCH + self._start(run_time)
 
     def nearest(self, moment: datetime) -> datetime:
         """The multiple of ``step`` closest to ``moment``: a guess at the scheduled time
@@ -51,10 +55,7 @@ class Precision:
     def __call__(self, job_name: str, run_time: datetime, /) -> str:
         # 2025-01-01T10:11:12Z, or 2025-01-01T10:11:12.345000Z when the step starts
         # within a second (isoformat of a naive datetime, as strftime's %S.%f would be).
-        step_us = self.step // _MICROSECOND
-        elapsed_us = (run_time - _EPOCH) // _MICROSECOND
-        start = _NAIVE_EPOCH + timedelta(microseconds=elapsed_us - elapsed_us % step_us)
-        return start.isoformat() + "Z"
+        return (_NAIVE_EPOCH + self._start(run_time)).isoformat() + "Z"
 
 
 def precision(step: timedelta | float = timedelta(seconds=1)) -> Precision:

@@ -476,11 +476,11 @@ class AsyncDBLocker:
         run_time: datetime,
         lease: timedelta | None = None,
     ) -> Lock | None:
-        operation = f"lock({job_name!r})"
         deciding: Awaitable[tuple[int | None, bool]]
         if lease is None and self._driver_acquire is not None:
-            deciding = self._run_driver(operation, job_name, identifier)
+            deciding = self._run_driver(job_name, identifier)
         else:
+            operation = f"lock({job_name!r})"
             params: dict[str, Any] = {
                 "job_name": job_name,
                 "job_identifier": identifier,
@@ -885,15 +885,18 @@ class AsyncDBLocker:
         except Exception as error:
             raise self._backend_error(error, operation) from error
 
-    async def _run_driver(
-        self, operation: str, job_name: str, identifier: str
-    ) -> tuple[int | None, bool]:
-        """The plain acquire through the driver (see _driver.py), with _run's guarantees."""
+    async def _run_driver(self, job_name: str, identifier: str) -> tuple[int | None, bool]:
+        """The plain acquire through the driver (see _driver.py), with _run's guarantees.
+
+        The operation's label for an error is only built on an error: this is every
+        lock() call's path.
+        """
         assert self._driver_acquire is not None
         try:
             async with Deadline(self.timeout), self._serial:
                 return await self._driver_acquire(job_name, identifier, self.worker), False
         except Exception as error:
+            operation = f"lock({job_name!r})"
             raise self._backend_error(error, operation, lost_connection(error)) from error
 
     async def _run_driver_many(
