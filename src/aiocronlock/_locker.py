@@ -38,7 +38,7 @@ from ._events import EventKind, Events, LockEvent, Subscriber
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
-from ._sql import Statements, lease_param, mysql_duplicates_quiet
+from ._sql import MYSQL_DIALECTS, Statements, lease_param, mysql_duplicates_quiet
 from ._validation import check_name, require_timedelta, to_timedelta, to_utc
 
 logger = logging.getLogger("aiocronlock")
@@ -436,15 +436,14 @@ class AsyncDBLocker:
             {"job_name": name, "job_identifier": identifiers[name], "worker": self.worker}
             for name in names
         ]
-        if self._sql.acquire_returning_job is not None:
+        if self._sql.dialect_name not in MYSQL_DIALECTS:
             result = await conn.execute(self._sql.acquire_returning_job, rows)
             return {row.job_name: row.id for row in result}
-        ignoring = self._sql.acquire_ignoring_returning_job
-        if ignoring is not None and conn.dialect.insert_returning:
+        if conn.dialect.insert_returning:
             # MariaDB 10.5+. A lost tick is a duplicate-key warning, which the driver
             # fetches (one more round trip) and would log once per job.
             with mysql_duplicates_quiet():
-                result = await conn.execute(ignoring, rows)
+                result = await conn.execute(self._sql.acquire_returning_job, rows)
             return {row.job_name: row.id for row in result}
         # MySQL: one INSERT per job, whose lastrowid says whether it won.
         won: dict[str, int] = {}

@@ -124,7 +124,7 @@ class Statements:
 
     def __init__(self, table: Table, dialect_name: str) -> None:
         # Dialect modules load here, for the one backend in use, not at import time.
-        from sqlalchemy.dialects import mysql, postgresql, sqlite
+        from sqlalchemy.dialects import mysql
 
         if dialect_name not in SUPPORTED_DIALECTS:
             raise ValueError(
@@ -148,34 +148,20 @@ class Statements:
         #: new id when the row was inserted, 0 when the key already existed.
         self.acquire_returns_id = dialect_name not in MYSQL_DIALECTS
         self.acquire: Insert
-        #: ``acquire`` returning the job name too, for lock_many(): executed with a list
-        #: of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues").
-        self.acquire_returning_job: Executable | None = None
-        self.acquire_ignoring_returning_job: Executable | None = None
-        if dialect_name in ("postgresql", "sqlite"):
-            dialect_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
-            ignoring = (
-                dialect_insert(table)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
-            )
-            self.acquire = ignoring.returning(c.id)
-            self.acquire_returning_job = ignoring.returning(c.id, c.job_name)
-        else:
+        self._row = row
+        #: The row inserted unless its tick is taken, returning ``(id, job_name)``, for
+        #: lock_many(): executed with a list of rows, SQLAlchemy sends it as multi-row
+        #: INSERTs ("insertmanyvalues"). On MySQL it needs RETURNING (MariaDB 10.5+).
+        self.acquire_returning_job: Insert = self._skipping_taken(row).returning(c.id, c.job_name)
+        if dialect_name in MYSQL_DIALECTS:
             # A no-op update on conflict, rather than INSERT IGNORE: IGNORE would also
             # downgrade other errors to warnings, and a warning makes the driver send
             # SHOW WARNINGS, a second round trip on every lost race.
             self.acquire = mysql.insert(table).values(row).on_duplicate_key_update(id=c.id)
-            # lock_many() on MariaDB 10.5+: a multi-row INSERT that reports the rows it
-            # inserted. ON DUPLICATE KEY UPDATE would return the existing rows too, so
-            # this one ignores duplicates; the columns are sized for every valid input,
-            # so IGNORE has no other error to downgrade (see mysql_duplicates_quiet).
-            self.acquire_ignoring_returning_job = (
-                mysql.insert(table).prefix_with("IGNORE").values(row).returning(c.id, c.job_name)
-            )
+        else:
+            self.acquire = self._skipping_taken(row).returning(c.id)
 
         self._now = now
-        self._row = row
         self.finish: Update = (
             update(table)
             .where(c.id == bindparam("lock_id"), c.status == Status.RUNNING.value)
@@ -309,6 +295,26 @@ class Statements:
                 )
             )
 
+    def _skipping_taken(self, values: dict[str, Any] | list[dict[str, Any]]) -> Insert:
+        """An INSERT of ``values`` that skips the rows whose tick is taken, without error.
+
+        On MySQL that is INSERT IGNORE, for the statements that return their rows
+        (ON DUPLICATE KEY UPDATE would return the existing rows too). The columns are
+        sized for every valid input, so IGNORE has no other error to downgrade; each
+        taken tick is a warning that the driver fetches (see mysql_duplicates_quiet).
+        """
+        from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+        if self.dialect_name in MYSQL_DIALECTS:
+            return mysql.insert(self.table).prefix_with("IGNORE").values(values)
+        dialect_insert = postgresql.insert if self.dialect_name == "postgresql" else sqlite.insert
+        c = self.table.c
+        return (
+            dialect_insert(self.table)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
+        )
+
     def acquire_rows(self, count: int) -> Insert:
         """lock_many()'s INSERT of ``count`` rows, as one statement with one VALUES list.
 
@@ -316,8 +322,6 @@ class Statements:
         ``worker``. It returns ``(id, job_name)`` of the rows inserted, and needs
         RETURNING: PostgreSQL, SQLite and MariaDB 10.5+.
         """
-        from sqlalchemy.dialects import mysql, postgresql, sqlite
-
         c = self.table.c
         rows = [
             {
@@ -327,17 +331,7 @@ class Statements:
             }
             for i in range(count)
         ]
-        if self.dialect_name in MYSQL_DIALECTS:
-            # See acquire_ignoring_returning_job.
-            ignoring = mysql.insert(self.table).prefix_with("IGNORE").values(rows)
-            return ignoring.returning(c.id, c.job_name)
-        dialect_insert = postgresql.insert if self.dialect_name == "postgresql" else sqlite.insert
-        return (
-            dialect_insert(self.table)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
-            .returning(c.id, c.job_name)
-        )
+        return self._skipping_taken(rows).returning(c.id, c.job_name)
 
     def prune_batch(
         self, cutoff: datetime, limit: int, floor: datetime | None = None
