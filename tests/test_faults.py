@@ -116,18 +116,21 @@ async def _statuses(direct: AsyncEngine, table: str, job: str) -> list[tuple[str
     ]
 
 
+def _kept(locker: AsyncDBLocker) -> int:
+    """Connections the driver path keeps checked out for reuse."""
+    return len(locker._driver_acquire._idle) if locker._driver_acquire is not None else 0
+
+
 def _idle(locker: AsyncDBLocker) -> int:
     """Open connections not in use: in the pool, or kept by the driver path for reuse."""
     count: int = locker.engine.pool.checkedin()  # type: ignore[attr-defined]
-    kept = locker._driver_acquire._idle if locker._driver_acquire is not None else []
-    return count + len(kept)
+    return count + _kept(locker)
 
 
 def _checked_out(locker: AsyncDBLocker) -> int:
     """Connections checked out of the pool and not kept by the driver path for reuse."""
     count: int = locker.engine.pool.checkedout()  # type: ignore[attr-defined]
-    kept = locker._driver_acquire._idle if locker._driver_acquire is not None else []
-    return count - len(kept)
+    return count - _kept(locker)
 
 
 @dataclass(frozen=True)
