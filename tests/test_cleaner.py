@@ -172,6 +172,31 @@ async def test_clean_deletes_in_batches(
     assert await _ids(engine, backend.table_name) == live_ids
 
 
+async def test_clean_checkpoints_the_sqlite_log_after_each_batch(
+    backend: Backend,
+    engine: AsyncEngine,
+    make_locker: LockerFactory,
+    count_statements: StatementCounter,
+) -> None:
+    """On SQLite each DELETE is followed by a WAL checkpoint in the cleaner's own turn,
+    so no lock() commit is left to copy a batch's pages into the database."""
+    locker = await make_locker(ttl=timedelta(hours=1), clean_batch_size=2)
+    await _age(engine, backend.table_name, await _win(locker, 5, "old"))
+    count_statements.statements.clear()
+
+    assert await locker.clean() == 5
+
+    kinds = [
+        "delete" if "DELETE FROM" in s.upper() else "checkpoint"
+        for s in count_statements.statements
+        if "DELETE FROM" in s.upper() or "WAL_CHECKPOINT" in s.upper()
+    ]
+    if backend.is_sqlite:
+        assert kinds == ["delete", "checkpoint"] * 3
+    else:
+        assert kinds == ["delete"] * 3
+
+
 async def test_batches_walk_up_through_ages_that_do_not_follow_ids(
     backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
 ) -> None:

@@ -714,6 +714,13 @@ class AsyncDBLocker:
                 conn: AsyncConnection, statement: Executable = statement
             ) -> tuple[int, datetime | None]:
                 result = await conn.execute(statement)
+                if self._sql.after_prune is not None:
+                    # SQLite: copy the pages this batch changed from the write-ahead log
+                    # into the database now, in the cleaner's turn and counted in its
+                    # busy time. Otherwise the commit that fills the log to SQLite's
+                    # automatic checkpoint does it, most often a lock()'s, which then
+                    # waits for a whole batch's pages (a plain no-op outside WAL mode).
+                    await conn.execute(self._sql.after_prune)
                 if not result.returns_rows:
                     return result.rowcount, None
                 row = result.one()

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    TextClause,
     Update,
     bindparam,
     delete,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     select,
+    text,
     type_coerce,
     update,
 )
@@ -168,6 +170,10 @@ class Statements:
             .values(status=bindparam("new_status"), updated_at=now)
         )
         self.now: Select[datetime] = select(now)
+        #: Run by clean() after each DELETE batch on SQLite (see there); elsewhere None.
+        self.after_prune: TextClause | None = (
+            text("PRAGMA wal_checkpoint(PASSIVE)") if dialect_name == "sqlite" else None
+        )
         self._build_lease_statements()
 
     def _build_lease_statements(self) -> None:
