@@ -7,7 +7,7 @@ the same INSERT sent through successively more of what a URL-built locker does:
 1. the raw driver, through its own pool;
 2. the driver call on one connection held for the whole run (what the locker's
    kept connections give it);
-3. the same inside the locker's ``Deadline``;
+3. the same inside the locker's deadline (``Deadlines``);
 4. the same run as a task behind the locker's shield (``_settle``);
 5. ``locker.lock()`` itself (adds validation, the identifier, the ``Lock`` and events).
 
@@ -17,7 +17,7 @@ checked out of SQLAlchemy's pool for each call (what keeping connections saves),
 of yours sends it). It also counts event-loop iterations per call for the raw driver
 and for ``lock()``, then profiles ``lock()`` with cProfile and prints the functions
 with the most own time. It reads the locker's private parts (``_sql``, ``_settle``,
-``Deadline``) and wraps the loop's private ``_run_once``: a diagnostic, not an API user.
+``Deadlines``) and wraps the loop's private ``_run_once``: a diagnostic, not an API user.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aiocronlock import precision
-from aiocronlock._deadline import Deadline
+from aiocronlock._deadline import Deadlines
 from aiocronlock._locker import _settle
 
 from ._backends import BACKENDS, WORKER, drop_tables, make_backend, new_table_name
@@ -111,8 +111,10 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
         async def kept_driver() -> None:
             await driver_insert(kept.driver_connection)
 
+        deadlines = Deadlines(5.0)
+
         async def with_deadline() -> None:
-            async with Deadline(5.0):
+            with deadlines.guard():
                 await kept_driver()
 
         async def settled() -> None:

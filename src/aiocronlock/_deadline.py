@@ -2,8 +2,13 @@
 
 ``asyncio.timeout`` cancels once. When a database call is cancelled, the driver's
 cleanup (closing the now unusable connection politely) can await for seconds more,
-and a single cancellation does not interrupt that. ``Deadline`` keeps cancelling
+and a single cancellation does not interrupt that. A deadline keeps cancelling
 until the block exits, then reports ``TimeoutError`` like ``asyncio.timeout``.
+
+A locker gives every call the same time, so its calls share one timer
+(:class:`Deadlines`): entering a block records when it must end, and the timer
+wakes only at the earliest deadline still pending, instead of one timer armed and
+cancelled per call (about four microseconds on every ``lock()``).
 """
 
 from __future__ import annotations
@@ -11,49 +16,83 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
-#: How often the deadline repeats its cancellation while the block is still running.
+#: How often a deadline repeats its cancellation while the block is still running.
 _RECANCEL_EVERY = 0.05
 
 
-class Deadline:
-    """``async with Deadline(seconds):`` raises ``TimeoutError`` once ``seconds`` pass."""
+class Deadlines:
+    """``with deadlines.guard():`` raises ``TimeoutError`` once ``seconds`` pass.
 
-    __slots__ = ("_cancels", "_handle", "_initial", "_seconds", "_task")
+    One timer for every block under way; for use from one event loop at a time.
+    """
+
+    __slots__ = ("_loop", "_running", "_timer", "seconds")
 
     def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._cancels = 0
-        self._handle: asyncio.TimerHandle | None = None
+        self.seconds = seconds
+        self._running: set[_Guard] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Deadline must be used inside a task")
-        self._task = task
-        self._initial = task.cancelling()
-        self._handle = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+    def guard(self) -> _Guard:
+        return _Guard(self)
+
+    def _enter(self, guard: _Guard, loop: asyncio.AbstractEventLoop) -> None:
+        self._running.add(guard)
+        if self._timer is None or self._loop is not loop:
+            # Every block lasts the same, so one entered later never ends sooner:
+            # a timer already armed is early enough for it.
+            self._loop = loop
+            self._timer = loop.call_at(guard.ends, self._expire)
 
     def _expire(self) -> None:
-        self._cancels += 1
-        self._task.cancel()
-        self._handle = asyncio.get_running_loop().call_later(_RECANCEL_EVERY, self._expire)
+        """Cancel every block past its end (again, every _RECANCEL_EVERY, until it
+        exits); then sleep until the earliest end still pending."""
+        assert self._loop is not None
+        now = self._loop.time()
+        for guard in self._running:
+            if guard.ends <= now:
+                guard.cancels += 1
+                guard.task.cancel()
+                guard.ends = now + _RECANCEL_EVERY
+        if self._running:
+            earliest = min(guard.ends for guard in self._running)
+            self._timer = self._loop.call_at(earliest, self._expire)
+        else:
+            self._timer = None
 
-    async def __aexit__(
+
+class _Guard:
+    __slots__ = ("cancels", "deadlines", "ends", "initial", "task")
+
+    def __init__(self, deadlines: Deadlines) -> None:
+        self.deadlines = deadlines
+        self.cancels = 0
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline must be used inside a task")
+        self.task = task
+        self.initial = task.cancelling()
+        loop = task.get_loop()
+        self.ends = loop.time() + self.deadlines.seconds
+        self.deadlines._enter(self, loop)
+
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if not self._cancels:
+        self.deadlines._running.discard(self)
+        if not self.cancels:
             return
-        for _ in range(self._cancels):
-            self._task.uncancel()
+        for _ in range(self.cancels):
+            self.task.uncancel()
         if (
             exc_type is not None
             and issubclass(exc_type, asyncio.CancelledError)
-            and self._task.cancelling() <= self._initial
+            and self.task.cancelling() <= self.initial
         ):
             raise TimeoutError from exc

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
 from ._clock import SYSTEM_CLOCK, Clock
-from ._deadline import Deadline
+from ._deadline import Deadlines
 from ._driver import DriverAcquire, lost_connection
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._errors import BackendError
@@ -186,7 +186,8 @@ class AsyncDBLocker:
         self.identifier: IdentifierStrategy = identifier
         self.ttl = require_timedelta("ttl", ttl)
         self.clean_interval = to_timedelta("clean_interval", clean_interval, allow_none=True)
-        self.timeout = require_timedelta("timeout", timeout).total_seconds()
+        # Every database call of this locker ends within ``timeout``, on one shared timer.
+        self._deadlines = Deadlines(require_timedelta("timeout", timeout).total_seconds())
         if isinstance(clean_batch_size, bool) or not isinstance(clean_batch_size, int):
             raise TypeError(
                 f"clean_batch_size must be an int, not {type(clean_batch_size).__name__}"
@@ -297,7 +298,7 @@ class AsyncDBLocker:
             await self._driver_acquire.close()
         if self._owns_engine:
             try:
-                async with Deadline(self.timeout):
+                with self._deadlines.guard():
                     await self._engine.dispose()
             except TimeoutError:
                 logger.warning(
@@ -308,6 +309,11 @@ class AsyncDBLocker:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def timeout(self) -> float:
+        """Seconds any one database call may take, fixed when the locker is made."""
+        return self._deadlines.seconds
 
     # -- deciding a tick -----------------------------------------------------------------
 
@@ -886,8 +892,9 @@ class AsyncDBLocker:
     async def _run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
         try:
-            async with Deadline(self.timeout), self._serial, self._engine.connect() as conn:
-                return await work(conn)
+            with self._deadlines.guard():
+                async with self._serial, self._engine.connect() as conn:
+                    return await work(conn)
         except Exception as error:
             raise self._backend_error(error, operation) from error
 
@@ -899,8 +906,9 @@ class AsyncDBLocker:
         """
         assert self._driver_acquire is not None
         try:
-            async with Deadline(self.timeout), self._serial:
-                return await self._driver_acquire(job_name, identifier, self.worker), False
+            with self._deadlines.guard():
+                async with self._serial:
+                    return await self._driver_acquire(job_name, identifier, self.worker), False
         except Exception as error:
             operation = f"lock({job_name!r})"
             raise self._backend_error(error, operation, lost_connection(error)) from error
@@ -916,8 +924,9 @@ class AsyncDBLocker:
         assert self._driver_acquire is not None
         won: dict[str, int] = {}
         try:
-            async with Deadline(self.timeout), self._serial:
-                await self._driver_acquire.many(names, identifiers, self.worker, won)
+            with self._deadlines.guard():
+                async with self._serial:
+                    await self._driver_acquire.many(names, identifiers, self.worker, won)
             return won
         except Exception as error:
             if won:
