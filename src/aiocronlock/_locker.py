@@ -720,7 +720,7 @@ class AsyncDBLocker:
                 conn: AsyncConnection, statement: Executable = statement
             ) -> tuple[int, datetime | None]:
                 result = await conn.execute(statement)
-                if self._sql.after_prune is not None:
+                if self._sql.after_prune is not None and result.rowcount:
                     # SQLite: copy the pages this batch changed from the write-ahead log
                     # into the database now, in the cleaner's turn and counted in its
                     # busy time. Otherwise the commit that fills the log to SQLite's
