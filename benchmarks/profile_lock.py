@@ -136,7 +136,7 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
         chain: dict[str, Callable[[], Awaitable[None]]] = {
             "1 raw driver": raw_driver,
             "2 driver call, connection kept": kept_driver,
-            "3 + Deadline": with_deadline,
+            "3 + deadline (Deadlines)": with_deadline,
             "4 + task and shield (_settle)": settled,
             "5 locker.lock()": lock,
         }
