@@ -23,43 +23,59 @@ _RECANCEL_EVERY = 0.05
 class Deadlines:
     """``with deadlines.guard():`` raises ``TimeoutError`` once ``seconds`` pass.
 
-    One timer for every block under way; for use from one event loop at a time.
+    One timer for every block under way, on the event loop the latest block runs in.
     """
 
-    __slots__ = ("_loop", "_running", "_timer", "seconds")
+    __slots__ = ("_loop", "_running", "_seconds", "_timer")
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+        self._seconds = seconds
         self._running: set[_Guard] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
 
     def guard(self) -> _Guard:
         return _Guard(self)
 
     def _enter(self, guard: _Guard, loop: asyncio.AbstractEventLoop) -> None:
-        self._running.add(guard)
-        if self._timer is None or self._loop is not loop:
-            # Every block lasts the same, so one entered later never ends sooner:
-            # a timer already armed is early enough for it.
+        if self._loop is not loop:
+            # A new event loop (one asyncio.run after another): the old loop's timer
+            # and blocks can never be served from here; forget them.
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._running = {g for g in self._running if g.task.get_loop() is loop}
             self._loop = loop
+        self._running.add(guard)
+        # Blocks last the same, so one entered later ends no sooner than the one the
+        # timer waits for; only while an overrun is being re-cancelled, every
+        # _RECANCEL_EVERY, can a block shorter than that end first.
+        if self._timer is None or guard.ends < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_at(guard.ends, self._expire)
 
     def _expire(self) -> None:
         """Cancel every block past its end (again, every _RECANCEL_EVERY, until it
         exits); then sleep until the earliest end still pending."""
-        assert self._loop is not None
-        now = self._loop.time()
-        for guard in self._running:
-            if guard.ends <= now:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for guard in tuple(self._running):
+            if guard.task.done():  # ended without leaving its block (loop stopped)
+                self._running.discard(guard)
+            elif guard.ends <= now:
                 guard.cancels += 1
                 guard.task.cancel()
                 guard.ends = now + _RECANCEL_EVERY
         if self._running:
             earliest = min(guard.ends for guard in self._running)
-            self._timer = self._loop.call_at(earliest, self._expire)
-        else:
-            self._timer = None
+            self._timer = loop.call_at(earliest, self._expire)
 
 
 class _Guard:
@@ -76,7 +92,7 @@ class _Guard:
         self.task = task
         self.initial = task.cancelling()
         loop = task.get_loop()
-        self.ends = loop.time() + self.deadlines.seconds
+        self.ends = loop.time() + self.deadlines._seconds
         self.deadlines._enter(self, loop)
 
     def __exit__(
