@@ -127,6 +127,35 @@ async def test_kept_connections_go_back_to_the_pool(
     assert pool.checkedout() == 0
 
 
+async def test_concurrent_calls_share_one_connection_on_sqlite_only(
+    backend: Backend, url_locker: AsyncDBLocker
+) -> None:
+    """SQLite runs one writer at a time, so its calls share the kept connection, whose
+    thread runs them back to back; on a server each call has a connection of its own."""
+    driver_acquire = url_locker._driver_acquire
+    assert driver_acquire is not None
+    assert driver_acquire.shares is backend.is_sqlite
+    pool: Any = url_locker.engine.sync_engine.pool
+    tick = datetime.now(UTC).replace(microsecond=0)
+    assert await url_locker.lock("warm-up", tick) is not None
+    [first] = _kept(url_locker)
+    sent: list[str] = []
+    if backend.is_sqlite:
+        await first.driver_connection.set_trace_callback(sent.append)
+
+    names = [f"c{i}" for i in range(12)]
+    results = await asyncio.gather(*(url_locker.lock(name, tick) for name in names))
+
+    assert all(result is not None for result in results)
+    if backend.is_sqlite:
+        assert _kept(url_locker) == [first]
+        assert pool.checkedout() == 1
+        inserts = [s for s in sent if s.lstrip().upper().startswith("INSERT")]
+        assert len(inserts) == len(names), sent
+    else:
+        assert 1 <= len(_kept(url_locker)) <= pool.size()
+
+
 async def test_a_failed_call_releases_every_kept_connection(
     backend: Backend, url_locker: AsyncDBLocker
 ) -> None:

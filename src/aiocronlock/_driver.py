@@ -13,6 +13,13 @@ the pool's size), for the next call. They go back to the pool when idle for a
 while (where its recycling and the server's idle timeout apply), on any error, and
 when the locker closes.
 
+On SQLite (a file; an in-memory database has a single connection) the calls do
+not take a connection each: they share the one kept connection, whose aiosqlite
+thread runs them one after another straight from its queue. SQLite has one writer
+at a time anyway; this way the next INSERT starts the moment the last one ends,
+instead of after a trip through the event loop, and the process's calls never wait
+on each other in SQLite's busy handler, which backs off in sleeps of milliseconds.
+
 lock_many() takes the same path with one multi-row INSERT per chunk of jobs,
 compiled once per chunk size, where the backend can return the rows it inserted.
 
@@ -102,6 +109,8 @@ class DriverAcquire:
         "_many",
         "_returning",
         "_rows_statement",
+        "_users",
+        "shares",
         "sql",
     )
 
@@ -129,6 +138,12 @@ class DriverAcquire:
         # (in-memory SQLite).
         pool = engine.sync_engine.pool
         self._keep = pool.size() if isinstance(pool, QueuePool) else 0
+        #: Whether concurrent calls share the one kept connection (SQLite, see above).
+        self.shares = driver == "aiosqlite" and self._keep > 0
+        if self.shares:
+            self._keep = 1
+        # Calls under way (for a shared connection: it is not idle while one is).
+        self._users = 0
 
     @classmethod
     def for_engine(
@@ -200,6 +215,7 @@ class DriverAcquire:
         ``rows``: return every row it returned; else the new row's id or ``None``.
         """
         pooled = await self._checkout()
+        self._users += 1
         try:
             connection = pooled.driver_connection
             assert connection is not None
@@ -228,21 +244,36 @@ class DriverAcquire:
             # and when the server went away the pool's other connections are likely dead
             # too. Like SQLAlchemy on a disconnect, retire them all: each reconnects on
             # its next checkout.
-            self._engine.sync_engine.pool._invalidate(pooled, error)
-            # The kept ones too: back to the pool, which reconnects them on checkout.
-            self.release()
+            self._idle = [(kept, used) for kept, used in self._idle if kept is not pooled]
+            self._engine.sync_engine.pool._invalidate(pooled, error)  # once: then invalid
+            if not self.shares:
+                # The kept ones too: back to the pool, which reconnects them on checkout.
+                # (A shared SQLite connection has no server to lose, and other calls
+                # may still be using it.)
+                self.release()
             raise
-        if len(self._idle) < self._keep:
+        finally:
+            self._users -= 1
+        if not pooled.is_valid:
+            pass  # a call sharing it failed meanwhile, and retired it
+        elif self._idle and self._idle[-1][0] is pooled:  # shared: still kept
+            self._idle[-1] = (pooled, time.monotonic())
+        elif len(self._idle) < self._keep:
             self._idle.append((pooled, time.monotonic()))
         else:
             self._give_back(pooled)
         return result
 
     async def _checkout(self) -> PoolProxiedConnection:
-        """A kept connection used recently, else one from the pool."""
+        """A kept connection used recently (shared: left in place), else one from the pool."""
         while self._idle:
-            pooled, last_used = self._idle.pop()
+            pooled, last_used = self._idle[-1]
+            if self.shares and self._users:
+                return pooled  # in use right now, so not idle
+            self._idle.pop()
             if time.monotonic() - last_used < KEEP_IDLE_S:
+                if self.shares:
+                    self._idle.append((pooled, last_used))
                 return pooled
             self._give_back(pooled)
         return await self._engine.raw_connection()

@@ -35,6 +35,7 @@ from ._driver import DriverAcquire, lost_connection
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._errors import BackendError
 from ._events import EventKind, Events, LockEvent, Subscriber
+from ._gate import Gate
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
@@ -223,12 +224,16 @@ class AsyncDBLocker:
             owned=self._owns_engine,
             rows_statement=self._sql.acquire_rows,
         )
-        # SQLite has one writer at a time: queue this process's statements in order
-        # instead of letting each wait in SQLite's busy loop, which backs off in
-        # growing sleeps. Other backends need no such thing.
-        self._serial: contextlib.AbstractAsyncContextManager[Any] = (
-            asyncio.Lock() if self._sql.dialect_name == "sqlite" else contextlib.nullcontext()
-        )
+        # SQLite has one writer at a time: order this process's statements here (see
+        # _gate) instead of letting each wait in SQLite's busy loop, which backs off
+        # in growing sleeps. Other backends need no such thing.
+        self._serial: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
+        self._serial_driver: contextlib.AbstractAsyncContextManager[Any] = self._serial
+        if self._sql.dialect_name == "sqlite":
+            gate = Gate()
+            self._serial = self._serial_driver = gate.alone()
+            if self._driver_acquire is not None and self._driver_acquire.shares:
+                self._serial_driver = gate.together()
         self._target = describe(self._engine)
         if telemetry and importlib.util.find_spec("opentelemetry") is not None:
             from ._otel import instrument
@@ -907,7 +912,7 @@ class AsyncDBLocker:
         assert self._driver_acquire is not None
         try:
             with self._deadlines.guard():
-                async with self._serial:
+                async with self._serial_driver:
                     return await self._driver_acquire(job_name, identifier, self.worker), False
         except Exception as error:
             operation = f"lock({job_name!r})"
@@ -925,7 +930,7 @@ class AsyncDBLocker:
         won: dict[str, int] = {}
         try:
             with self._deadlines.guard():
-                async with self._serial:
+                async with self._serial_driver:
                     await self._driver_acquire.many(names, identifiers, self.worker, won)
             return won
         except Exception as error:
