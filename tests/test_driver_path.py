@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiocronlock import AsyncDBLocker, BackendError, _driver, lock_table
@@ -154,6 +156,89 @@ async def test_concurrent_calls_share_one_connection_on_sqlite_only(
         assert len(inserts) == len(names), sent
     else:
         assert 1 <= len(_kept(url_locker)) <= pool.size()
+
+
+async def test_a_burst_opens_one_connection_on_sqlite_even_cold_or_after_idle(
+    backend: Backend, url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite one call opens the shared connection and the others wait for it, so a
+    burst never spreads over several connections (which would wait on each other in
+    SQLite's busy handler); on a server each call may open its own."""
+    driver_acquire = url_locker._driver_acquire
+    assert driver_acquire is not None
+    pool: Any = url_locker.engine.sync_engine.pool
+    tick = datetime.now(UTC).replace(microsecond=0)
+
+    checkouts = 0
+
+    def count(*args: Any) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    event.listen(pool, "checkout", count)
+
+    async def burst(prefix: str) -> int:
+        """How many connections the burst took from the pool."""
+        before = checkouts
+        names = [f"{prefix}{i}" for i in range(12)]
+        results = await asyncio.gather(*(url_locker.lock(name, tick) for name in names))
+        assert all(result is not None for result in results)
+        if driver_acquire._returning:
+            await asyncio.wait(set(driver_acquire._returning))
+        return checkouts - before
+
+    try:
+        taken = await burst("cold")  # no connection kept yet
+        if backend.is_sqlite:
+            assert taken == 1
+            [first] = _kept(url_locker)
+            assert pool.checkedout() == 1
+        else:
+            assert 1 <= len(_kept(url_locker)) <= pool.size()
+
+        monkeypatch.setattr(_driver, "KEEP_IDLE_S", 0.0)  # every kept connection is stale
+        taken = await burst("stale")
+        if backend.is_sqlite:
+            assert taken == 1
+            [second] = _kept(url_locker)
+            assert second is not first
+            assert pool.checkedout() == 1
+    finally:
+        event.remove(pool, "checkout", count)
+
+
+async def test_sqlite_calls_that_time_out_queued_send_nothing_past_the_window(
+    tmp_path: Path,
+) -> None:
+    """A request handed to aiosqlite's thread runs even after its caller gave up, so
+    only a window of them is handed over at a time: calls that time out while waiting
+    their turn leave no row behind."""
+    path = tmp_path / "locks.db"
+    locker = AsyncDBLocker(f"sqlite+aiosqlite:///{path}", worker="w", timeout=0.3)
+    await locker.create_table()
+    tick = datetime.now(UTC).replace(microsecond=0)
+    try:
+        assert await locker.lock("warm-up", tick) is not None
+        [shared] = _kept(locker)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than 0.3 s
+        try:
+            results = await asyncio.gather(
+                *(locker.lock(f"queued-{i}", tick) for i in range(8)), return_exceptions=True
+            )
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        assert all(isinstance(result, BackendError) for result in results), results
+        # What was handed over runs now; a request on the same connection runs after it.
+        await shared.driver_connection.execute_fetchall("SELECT 1")
+        assert _kept(locker) == [shared], "a timeout leaves the shared connection in use"
+        rows = await shared.driver_connection.execute_fetchall(
+            "SELECT count(*) FROM cron_job_locks WHERE job_name LIKE 'queued-%'"
+        )
+        assert 1 <= rows[0][0] <= _driver.SQLITE_WINDOW
+    finally:
+        await locker.aclose()
 
 
 async def test_a_failed_call_releases_every_kept_connection(

@@ -98,3 +98,31 @@ async def test_a_statement_cancelled_while_waiting_reopens_the_gate() -> None:
     await asyncio.wait_for(again_in.wait(), 5)
     again_leave.set()
     await asyncio.gather(early, late, again)
+
+
+async def test_acquires_held_back_go_in_before_the_next_statement_alone() -> None:
+    """Statements alone back to back (marking rows FAILED one by one) must not keep the
+    acquires waiting behind the first of them out until the last."""
+    gate = Gate()
+    order: list[str] = []
+    first_in, first_leave = asyncio.Event(), asyncio.Event()
+
+    async def back_to_back() -> None:
+        async with gate.alone():
+            first_in.set()
+            await first_leave.wait()
+        async with gate.alone():  # no await in between
+            order.append("alone")
+
+    async def acquire() -> None:
+        async with gate.together():
+            order.append("together")
+
+    statements = asyncio.create_task(back_to_back())
+    await first_in.wait()
+    waiting = asyncio.create_task(acquire())
+    await _settle()
+    assert order == []
+    first_leave.set()
+    await asyncio.wait_for(asyncio.gather(statements, waiting), 5)
+    assert order == ["together", "alone"]

@@ -14,11 +14,15 @@ while (where its recycling and the server's idle timeout apply), on any error, a
 when the locker closes.
 
 On SQLite (a file; an in-memory database has a single connection) the calls do
-not take a connection each: they share the one kept connection, whose aiosqlite
-thread runs them one after another straight from its queue. SQLite has one writer
-at a time anyway; this way the next INSERT starts the moment the last one ends,
-instead of after a trip through the event loop, and the process's calls never wait
-on each other in SQLite's busy handler, which backs off in sleeps of milliseconds.
+not take a connection each: they share one kept connection, whose aiosqlite thread
+runs them one after another from its queue. SQLite has one writer at a time anyway;
+this way the next INSERT starts the moment the last one ends, instead of after a
+trip through the event loop, and the locker's calls never wait on each other in
+SQLite's busy handler, which backs off in sleeps of milliseconds. Only one call
+opens that connection; the others wait for it. At most ``SQLITE_WINDOW`` requests
+are handed to the thread at a time, the rest wait their turn here: a request handed
+over runs even if its caller gives up (its deadline passes), and one that never was
+leaves no row behind.
 
 lock_many() takes the same path with one multi-row INSERT per chunk of jobs,
 compiled once per chunk size, where the backend can return the rows it inserted.
@@ -54,6 +58,10 @@ MANY_CHUNK = 500
 
 #: Multi-row statements kept compiled, by row count (compiling 500 rows takes ~40 ms).
 _MANY_CACHED = 8
+
+#: SQLite requests handed to the shared connection's thread at once: one running and
+#: the next queued behind it.
+SQLITE_WINDOW = 2
 
 
 class _Compiled:
@@ -107,9 +115,11 @@ class DriverAcquire:
         "_idle",
         "_keep",
         "_many",
+        "_opening",
         "_returning",
         "_rows_statement",
         "_users",
+        "_window",
         "shares",
         "sql",
     )
@@ -144,6 +154,9 @@ class DriverAcquire:
             self._keep = 1
         # Calls under way (for a shared connection: it is not idle while one is).
         self._users = 0
+        # A shared connection being opened, for every call that needs it meanwhile.
+        self._opening: asyncio.Task[PoolProxiedConnection] | None = None
+        self._window = asyncio.Semaphore(SQLITE_WINDOW) if self.shares else None
 
     @classmethod
     def for_engine(
@@ -235,48 +248,76 @@ class DriverAcquire:
                     else:
                         await cursor.execute(sql, arguments)
                         result = cursor.lastrowid or None
+            elif self._window is not None:
+                async with self._window:
+                    fetched = await connection.execute_fetchall(sql, arguments)
+                result = fetched if rows else (fetched[0][0] if fetched else None)
             else:
                 # One hop to aiosqlite's thread: execute and fetch together.
                 fetched = await connection.execute_fetchall(sql, arguments)
                 result = fetched if rows else (fetched[0][0] if fetched else None)
         except BaseException as error:
-            # Failed, timed out or cancelled midway: this connection's state is unknown,
-            # and when the server went away the pool's other connections are likely dead
-            # too. Like SQLAlchemy on a disconnect, retire them all: each reconnects on
-            # its next checkout.
-            self._idle = [(kept, used) for kept, used in self._idle if kept is not pooled]
-            self._engine.sync_engine.pool._invalidate(pooled, error)  # once: then invalid
-            if not self.shares:
-                # The kept ones too: back to the pool, which reconnects them on checkout.
-                # (A shared SQLite connection has no server to lose, and other calls
-                # may still be using it.)
-                self.release()
+            # A call on the shared SQLite connection that is cancelled (its deadline
+            # passed) leaves it consistent: its request still runs in the thread.
+            if not (self.shares and isinstance(error, asyncio.CancelledError)):
+                self._retire(pooled, error)
             raise
         finally:
             self._users -= 1
-        if not pooled.is_valid:
-            pass  # a call sharing it failed meanwhile, and retired it
-        elif self._idle and self._idle[-1][0] is pooled:  # shared: still kept
-            self._idle[-1] = (pooled, time.monotonic())
+        if self.shares:
+            if self._idle and self._idle[-1][0] is pooled:
+                self._idle[-1] = (pooled, time.monotonic())
+            # else: released or retired meanwhile, by whoever took it off the list
         elif len(self._idle) < self._keep:
             self._idle.append((pooled, time.monotonic()))
         else:
             self._give_back(pooled)
         return result
 
+    def _retire(self, pooled: PoolProxiedConnection, error: BaseException) -> None:
+        """After a call failed or was cancelled midway on ``pooled``.
+
+        The connection's state is unknown, and when the server went away the pool's
+        other connections are likely dead too. Like SQLAlchemy on a disconnect, retire
+        them all: each reconnects on its next checkout. (A shared SQLite connection has
+        no server to lose, and other calls may still be using it: only it goes.)
+        """
+        shared = any(kept is pooled for kept, _ in self._idle)
+        self._idle = [(kept, used) for kept, used in self._idle if kept is not pooled]
+        if shared or not self.shares:
+            self._engine.sync_engine.pool._invalidate(pooled, error)
+        if not self.shares:
+            self.release()
+
     async def _checkout(self) -> PoolProxiedConnection:
-        """A kept connection used recently (shared: left in place), else one from the pool."""
+        """A kept connection used recently, else one from the pool; on SQLite, the
+        shared one, opened by one call for all."""
+        if self.shares:
+            if self._idle:
+                pooled, last_used = self._idle[-1]
+                if self._users or time.monotonic() - last_used < KEEP_IDLE_S:
+                    return pooled
+                self._idle.pop()  # idle too long, and nobody is using it
+                self._give_back(pooled)
+            if self._opening is None:
+                self._opening = asyncio.get_running_loop().create_task(self._open_shared())
+                self._opening.add_done_callback(_retrieved)  # its callers may all be gone
+            # Shielded: a caller that gives up does not stop the opening for the others.
+            return await asyncio.shield(self._opening)
         while self._idle:
-            pooled, last_used = self._idle[-1]
-            if self.shares and self._users:
-                return pooled  # in use right now, so not idle
-            self._idle.pop()
+            pooled, last_used = self._idle.pop()
             if time.monotonic() - last_used < KEEP_IDLE_S:
-                if self.shares:
-                    self._idle.append((pooled, last_used))
                 return pooled
             self._give_back(pooled)
         return await self._engine.raw_connection()
+
+    async def _open_shared(self) -> PoolProxiedConnection:
+        try:
+            pooled = await self._engine.raw_connection()
+        finally:
+            self._opening = None
+        self._idle.append((pooled, time.monotonic()))  # close() waits for this
+        return pooled
 
     def _give_back(self, pooled: PoolProxiedConnection) -> None:
         """Return a connection to the pool, in a task of its own.
@@ -298,10 +339,18 @@ class DriverAcquire:
         """Return the kept connections, keep none from calls still under way, and wait
         for the connections on their way back to the pool."""
         self._keep = 0
+        if self._opening is not None:
+            await asyncio.wait({self._opening})
         self.release()
         if self._returning:
             # asyncio.wait, not gather: if this is cancelled, the returns still finish.
             await asyncio.wait(set(self._returning))
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Mark a task's error as seen: whoever awaited it got it already, if anyone did."""
+    if not task.cancelled():
+        task.exception()
 
 
 def lost_connection(error: BaseException) -> bool:

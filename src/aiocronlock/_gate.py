@@ -1,11 +1,12 @@
-"""The order of one process's statements on SQLite, which has one writer at a time.
+"""The order of one locker's statements on SQLite, which has one writer at a time.
 
-Left to themselves, statements on different connections of one process would wait
+Left to themselves, statements on different connections of one locker would wait
 for each other in SQLite's busy handler, which backs off in sleeps of milliseconds.
 Instead they pass this gate: the acquire INSERTs of a locker that shares one
 connection among its calls (see ``_driver``) pass together, since that connection
 runs them one after another anyway; every other statement passes alone, after the
-INSERTs already under way and before any that arrive while it waits.
+INSERTs already under way and before any that arrive while it waits. INSERTs that
+waited for one statement alone go in before the next statement alone does.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from types import TracebackType
 
 
 class Gate:
-    __slots__ = ("_alone", "_inside", "_no_one_inside", "_open")
+    __slots__ = ("_alone", "_inside", "_no_one_inside", "_no_one_waiting", "_open", "_waiting")
 
     def __init__(self) -> None:
         self._inside = 0  # statements passing together
+        self._waiting = 0  # statements waiting to pass together
+        self._no_one_waiting = asyncio.Event()
+        self._no_one_waiting.set()
         self._open = asyncio.Event()  # set unless one is passing alone, or waiting to
         self._open.set()
         self._no_one_inside = asyncio.Event()
@@ -40,8 +44,16 @@ class _Together:
 
     async def __aenter__(self) -> None:
         gate = self._gate
-        while not gate._open.is_set():
-            await gate._open.wait()
+        if not gate._open.is_set():
+            gate._waiting += 1
+            gate._no_one_waiting.clear()
+            try:
+                while not gate._open.is_set():
+                    await gate._open.wait()
+            finally:
+                gate._waiting -= 1
+                if not gate._waiting:
+                    gate._no_one_waiting.set()
         gate._inside += 1
         gate._no_one_inside.clear()
 
@@ -66,8 +78,10 @@ class _Alone:
     async def __aenter__(self) -> None:
         gate = self._gate
         await gate._alone.acquire()
-        gate._open.clear()
         try:
+            # First let in those that the last statement alone held back.
+            await gate._no_one_waiting.wait()
+            gate._open.clear()
             await gate._no_one_inside.wait()
         except BaseException:
             gate._open.set()

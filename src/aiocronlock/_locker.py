@@ -224,7 +224,7 @@ class AsyncDBLocker:
             owned=self._owns_engine,
             rows_statement=self._sql.acquire_rows,
         )
-        # SQLite has one writer at a time: order this process's statements here (see
+        # SQLite has one writer at a time: order this locker's statements here (see
         # _gate) instead of letting each wait in SQLite's busy loop, which backs off
         # in growing sleeps. Other backends need no such thing.
         self._serial: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
