@@ -282,12 +282,13 @@ class DriverAcquire:
         them all: each reconnects on its next checkout. (A shared SQLite connection has
         no server to lose, and other calls may still be using it: only it goes.)
         """
-        shared = any(kept is pooled for kept, _ in self._idle)
         self._idle = [(kept, used) for kept, used in self._idle if kept is not pooled]
-        if shared or not self.shares:
-            self._engine.sync_engine.pool._invalidate(pooled, error)
-        if not self.shares:
-            self.release()
+        if self.shares:
+            if pooled.is_valid:  # else another call sharing it retired it already
+                pooled.invalidate(error)
+            return
+        self._engine.sync_engine.pool._invalidate(pooled, error)
+        self.release()
 
     async def _checkout(self) -> PoolProxiedConnection:
         """A kept connection used recently, else one from the pool; on SQLite, the
