@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, event
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aiocronlock import AsyncDBLocker, BackendError, _driver, lock_table
-from conftest import Backend
+from aiocronlock import AsyncDBLocker, BackendError, _driver
+from conftest import Backend, fetch_rows
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ async def test_won_and_lost_ticks_are_one_statement_each(
 
 
 async def test_driver_path_rows_match_the_sqlalchemy_path(
-    backend: Backend, url_locker: AsyncDBLocker
+    backend: Backend, engine: AsyncEngine, url_locker: AsyncDBLocker
 ) -> None:
     tick = datetime.now(UTC).replace(microsecond=0)
     name = "ünïcödé 'job'; --"
@@ -88,13 +88,7 @@ async def test_driver_path_rows_match_the_sqlalchemy_path(
     async with won:
         pass
     assert await url_locker.lock(name, tick) is None
-    locks = lock_table(MetaData(), name=backend.table_name)
-    engine = create_async_engine(backend.url)
-    try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(locks.select())).mappings().all()
-    finally:
-        await engine.dispose()
+    rows = await fetch_rows(engine, backend.table_name)
     assert [(r["id"], r["job_name"], r["worker"], r["status"]) for r in rows] == [
         (won.id, name, "w", "FINISHED")
     ]
@@ -264,7 +258,10 @@ async def test_a_failed_call_releases_every_kept_connection(
 
 
 async def test_lock_many_through_the_driver_in_chunks(
-    backend: Backend, url_locker: AsyncDBLocker, caplog: pytest.LogCaptureFixture
+    backend: Backend,
+    engine: AsyncEngine,
+    url_locker: AsyncDBLocker,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """More jobs than one statement takes: several multi-row INSERTs, same outcome."""
     other = AsyncDBLocker(backend.url, worker="other", table_name=backend.table_name)
@@ -284,13 +281,7 @@ async def test_lock_many_through_the_driver_in_chunks(
     assert set(won) == expected
     assert sorted(driver_acquire._many) == [3, 201, _driver.MANY_CHUNK]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    locks = lock_table(MetaData(), name=backend.table_name)
-    engine = create_async_engine(backend.url)
-    try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(locks.select())).mappings().all()
-    finally:
-        await engine.dispose()
+    rows = await fetch_rows(engine, backend.table_name)
     by_name = {row["job_name"]: row for row in rows}
     assert len(rows) == len(names)
     assert {name: by_name[name]["id"] for name in won} == {n: lock.id for n, lock in won.items()}
@@ -309,7 +300,10 @@ async def test_lock_many_compiles_each_size_once_and_keeps_a_few(url_locker: Asy
 
 
 async def test_lock_many_failing_part_way_marks_the_rows_it_won_failed(
-    backend: Backend, url_locker: AsyncDBLocker, monkeypatch: pytest.MonkeyPatch
+    backend: Backend,
+    engine: AsyncEngine,
+    url_locker: AsyncDBLocker,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first statement wins its rows, the second fails: nobody will run the first's."""
     tick = datetime.now(UTC).replace(microsecond=0)
@@ -331,13 +325,7 @@ async def test_lock_many_failing_part_way_marks_the_rows_it_won_failed(
         await url_locker.lock_many(names, tick)
     assert info.value.operation.startswith(f"lock_many({len(names)} jobs) on ")
 
-    locks = lock_table(MetaData(), name=backend.table_name)
-    engine = create_async_engine(backend.url)
-    try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(locks.select())).mappings().all()
-    finally:
-        await engine.dispose()
+    rows = await fetch_rows(engine, backend.table_name)
     statuses = {row["job_name"]: row["status"] for row in rows if row["job_name"] != "warm-up"}
     assert statuses == dict.fromkeys(names[: _driver.MANY_CHUNK], "FAILED")
 
