@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,6 +114,15 @@ async def _statuses(direct: AsyncEngine, table: str, job: str) -> list[tuple[str
     return [
         (r["worker"], r["status"]) for r in await fetch_rows(direct, table) if r["job_name"] == job
     ]
+
+
+async def _cancel_after(call: Coroutine[Any, Any, Any], seconds: float) -> None:
+    """Run ``call`` as a task, cancel it after ``seconds``; it must end cancelled."""
+    task = asyncio.create_task(call)
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def _kept(locker: AsyncDBLocker) -> int:
@@ -519,11 +528,7 @@ async def test_cancelled_lock_leaves_no_running_row(
     job, tick = _job(), _tick()
     proxy.delay(0.2)
 
-    call = asyncio.create_task(a.lock(job, tick))
-    await asyncio.sleep(cancel_after)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await _cancel_after(a.lock(job, tick), cancel_after)
 
     assert _checked_out(a) == 0
     # The proxy delivers late but never drops: the INSERT won, and the row says FAILED.
@@ -548,11 +553,7 @@ async def test_lock_cancelled_while_stalled(
     job, tick = _job(), _tick()
     proxy.stall(True)
 
-    call = asyncio.create_task(a.lock(job, tick))
-    await asyncio.sleep(0.3)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await _cancel_after(a.lock(job, tick), 0.3)
 
     assert _checked_out(a) == 0
     assert await _statuses(direct, table, job) == []
@@ -633,11 +634,7 @@ async def test_cancelled_lock_many_leaves_no_running_row(
     jobs, tick = [_job(), _job(), _job()], _tick()
     proxy.delay(0.2)
 
-    call = asyncio.create_task(a.lock_many(jobs, tick))
-    await asyncio.sleep(cancel_after)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await _cancel_after(a.lock_many(jobs, tick), cancel_after)
 
     assert _checked_out(a) == 0
     for job in jobs:
