@@ -8,7 +8,7 @@ the same INSERT sent through successively more of what a URL-built locker does:
 2. the driver call on one connection held for the whole run (what the locker's
    kept connections give it);
 3. the same inside the locker's deadline (``Deadlines``);
-4. the same run as a task behind the locker's shield (``_settle``);
+4. the same run as a task behind the locker's shield (``_shielded``);
 5. ``locker.lock()`` itself (adds validation, the identifier, the ``Lock`` and events).
 
 and, for comparison with step 1, two other ways: the driver call on a connection
@@ -16,7 +16,7 @@ checked out of SQLAlchemy's pool for each call (what keeping connections saves),
 ``AsyncConnection.execute`` of the locker's statement (how a locker given an engine
 of yours sends it). It also counts event-loop iterations per call for the raw driver
 and for ``lock()``, then profiles ``lock()`` with cProfile and prints the functions
-with the most own time. It reads the locker's private parts (``_sql``, ``_settle``,
+with the most own time. It reads the locker's private parts (``_sql``, ``_shielded``,
 ``Deadlines``) and wraps the loop's private ``_run_once``: a diagnostic, not an API user.
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from aiocronlock import precision
 from aiocronlock._deadline import Deadlines
-from aiocronlock._locker import _settle
+from aiocronlock._locker import _shielded
 
 from ._backends import BACKENDS, WORKER, drop_tables, make_backend, new_table_name
 from ._raw import open_raw
@@ -106,7 +106,6 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
                 await conn.execute_fetchall(statement.sql, params)
 
         kept = await engine.raw_connection()
-        loop = asyncio.get_running_loop()
 
         async def kept_driver() -> None:
             await driver_insert(kept.driver_connection)
@@ -118,8 +117,7 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
                 await kept_driver()
 
         async def settled() -> None:
-            outcome: asyncio.Future[None] = loop.create_future()
-            attempt = loop.create_task(_settle(with_deadline(), outcome))
+            outcome, attempt = _shielded(with_deadline())
             await outcome
             await attempt  # done by now, as it is in lock()
 

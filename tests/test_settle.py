@@ -8,18 +8,12 @@ import logging
 
 import pytest
 
-from aiocronlock._locker import _settle
-
-
-async def _shielded(work: asyncio.Future[int]) -> tuple[asyncio.Future[int], asyncio.Task[object]]:
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[int] = loop.create_future()
-    return outcome, loop.create_task(_settle(work, outcome))
+from aiocronlock._locker import _shielded
 
 
 async def test_the_caller_gets_the_result() -> None:
     work = asyncio.get_running_loop().create_future()
-    outcome, task = await _shielded(work)
+    outcome, task = _shielded(work)
     work.set_result(7)
     assert await outcome == 7
     assert await task == (7,)
@@ -29,7 +23,7 @@ async def test_an_error_reaches_the_caller_and_nothing_is_logged_as_unretrieved(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     work = asyncio.get_running_loop().create_future()
-    outcome, task = await _shielded(work)
+    outcome, task = _shielded(work)
     work.set_exception(ValueError("boom"))
     with pytest.raises(ValueError, match="boom"):
         await outcome
@@ -43,7 +37,7 @@ async def test_an_error_reaches_the_caller_and_nothing_is_logged_as_unretrieved(
 
 async def test_cancelling_the_caller_leaves_the_work_running() -> None:
     work = asyncio.get_running_loop().create_future()
-    outcome, task = await _shielded(work)
+    outcome, task = _shielded(work)
     caller = asyncio.ensure_future(outcome)
     await asyncio.sleep(0)
     caller.cancel()
@@ -56,7 +50,7 @@ async def test_cancelling_the_caller_leaves_the_work_running() -> None:
 
 async def test_after_the_caller_left_the_error_is_kept_for_whoever_abandons_the_attempt() -> None:
     work = asyncio.get_running_loop().create_future()
-    outcome, task = await _shielded(work)
+    outcome, task = _shielded(work)
     outcome.cancel()  # what cancelling the caller does
     work.set_exception(ValueError("late"))
     with pytest.raises(ValueError, match="late"):
@@ -65,7 +59,7 @@ async def test_after_the_caller_left_the_error_is_kept_for_whoever_abandons_the_
 
 async def test_cancelling_the_work_cancels_the_caller() -> None:
     work = asyncio.get_running_loop().create_future()
-    outcome, task = await _shielded(work)
+    outcome, task = _shielded(work)
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

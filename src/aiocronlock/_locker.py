@@ -86,6 +86,14 @@ async def _settle(work: Awaitable[_T], outcome: Future[_T]) -> tuple[_T] | None:
     return (result,)
 
 
+def _shielded(work: Awaitable[_T]) -> tuple[Future[_T], asyncio.Task[tuple[_T] | None]]:
+    """Start ``work`` behind the shield (see _settle): the future the caller awaits,
+    and the task that runs ``work`` to its end whatever happens to the caller."""
+    loop = asyncio.get_running_loop()
+    outcome: Future[_T] = loop.create_future()
+    return outcome, loop.create_task(_settle(work, outcome))
+
+
 def _next_batch(batch: int, took: float, most: int) -> int:
     """The next pruning batch: halved or doubled toward ``CLEAN_STATEMENT_S`` per DELETE."""
     if took > CLEAN_STATEMENT_S and batch > _MIN_CLEAN_BATCH:
@@ -418,9 +426,7 @@ class AsyncDBLocker:
             )
         # Shielded like lock(): a cancelled call still learns which rows it won, and
         # marks them FAILED.
-        loop = asyncio.get_running_loop()
-        outcome: Future[dict[str, int]] = loop.create_future()
-        attempt = loop.create_task(_settle(deciding, outcome))
+        outcome, attempt = _shielded(deciding)
         try:
             won = await outcome
         except asyncio.CancelledError:
@@ -508,9 +514,7 @@ class AsyncDBLocker:
         # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
         # (within the timeout) and a row we won is marked FAILED, never left RUNNING
         # with nobody running it.
-        loop = asyncio.get_running_loop()
-        outcome: Future[tuple[int | None, bool]] = loop.create_future()
-        attempt = loop.create_task(_settle(deciding, outcome))
+        outcome, attempt = _shielded(deciding)
         try:
             row_id, overlap = await outcome
         except asyncio.CancelledError:
