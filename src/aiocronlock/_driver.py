@@ -34,6 +34,7 @@ construction; with an engine passed in, the statement goes through SQLAlchemy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -156,7 +157,11 @@ class DriverAcquire:
         self._users = 0
         # A shared connection being opened, for every call that needs it meanwhile.
         self._opening: asyncio.Task[PoolProxiedConnection] | None = None
-        self._window = asyncio.Semaphore(SQLITE_WINDOW) if self.shares else None
+        # How many SQLite requests may be in the connection's thread at once (unbounded
+        # for a connection of one call's own).
+        self._window: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Semaphore(SQLITE_WINDOW) if self.shares else contextlib.nullcontext()
+        )
 
     @classmethod
     def for_engine(
@@ -248,13 +253,10 @@ class DriverAcquire:
                     else:
                         await cursor.execute(sql, arguments)
                         result = cursor.lastrowid or None
-            elif self._window is not None:
-                async with self._window:
-                    fetched = await connection.execute_fetchall(sql, arguments)
-                result = fetched if rows else (fetched[0][0] if fetched else None)
             else:
                 # One hop to aiosqlite's thread: execute and fetch together.
-                fetched = await connection.execute_fetchall(sql, arguments)
+                async with self._window:
+                    fetched = await connection.execute_fetchall(sql, arguments)
                 result = fetched if rows else (fetched[0][0] if fetched else None)
         except BaseException as error:
             # A call on the shared SQLite connection that is cancelled (its deadline
