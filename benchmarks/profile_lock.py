@@ -7,16 +7,16 @@ the same INSERT sent through successively more of what a URL-built locker does:
 1. the raw driver, through its own pool;
 2. the driver call on one connection held for the whole run (what the locker's
    kept connections give it);
-3. the same inside the locker's deadline (``Deadlines``);
-4. the same run as a task behind the locker's shield (``_shielded``);
-5. ``locker.lock()`` itself (adds validation, the identifier, the ``Lock`` and events).
+3. the same as the locker runs it: in an ``Attempt``, which keeps the deadline and
+   carries the call on if its caller is cancelled;
+4. ``locker.lock()`` itself (adds validation, the identifier, the ``Lock`` and events).
 
 and, for comparison with step 1, two other ways: the driver call on a connection
 checked out of SQLAlchemy's pool for each call (what keeping connections saves), and
 ``AsyncConnection.execute`` of the locker's statement (how a locker given an engine
 of yours sends it). It also counts event-loop iterations per call for the raw driver
 and for ``lock()``, then profiles ``lock()`` with cProfile and prints the functions
-with the most own time. It reads the locker's private parts (``_sql``, ``_shielded``,
+with the most own time. It reads the locker's private parts (``_sql``, ``Attempt``,
 ``Deadlines``) and wraps the loop's private ``_run_once``: a diagnostic, not an API user.
 """
 
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from aiocronlock import precision
+from aiocronlock._attempt import Attempt
 from aiocronlock._deadline import Deadlines
-from aiocronlock._locker import _shielded
 
 from ._backends import BACKENDS, WORKER, drop_tables, make_backend, new_table_name
 from ._raw import open_raw
@@ -112,14 +112,8 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
 
         deadlines = Deadlines(5.0)
 
-        async def with_deadline() -> None:
-            with deadlines.guard():
-                await kept_driver()
-
-        async def settled() -> None:
-            outcome, attempt = _shielded(with_deadline())
-            await outcome
-            await attempt  # done by now, as it is in lock()
+        async def attempted() -> None:
+            await Attempt(kept_driver(), deadlines)
 
         async def core_execute() -> None:
             async with engine.connect() as conn:
@@ -134,9 +128,8 @@ async def breakdown(name: str, url: str | None, calls: int, rounds: int) -> str:
         chain: dict[str, Callable[[], Awaitable[None]]] = {
             "1 raw driver": raw_driver,
             "2 driver call, connection kept": kept_driver,
-            "3 + deadline (Deadlines)": with_deadline,
-            "4 + task and shield (_settle)": settled,
-            "5 locker.lock()": lock,
+            "3 + deadline, cancel-safe (Attempt)": attempted,
+            "4 locker.lock()": lock,
         }
         others: dict[str, Callable[[], Awaitable[None]]] = {
             "driver call, pool checkout per call": pooled_driver,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Protocol
 
 #: How often a deadline repeats its cancellation while the block is still running.
 _RECANCEL_EVERY = 0.05
@@ -30,7 +31,7 @@ class Deadlines:
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._running: set[_Guard] = set()
+        self._running: set[Block] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -41,23 +42,27 @@ class Deadlines:
     def guard(self) -> _Guard:
         return _Guard(self)
 
-    def _enter(self, guard: _Guard, loop: asyncio.AbstractEventLoop) -> None:
+    def track(self, block: Block, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching ``block``, whose deadline is ``block.ends`` on ``loop``."""
         if self._loop is not loop:
             # A new event loop (one asyncio.run after another): the old loop's timer
             # and blocks can never be served from here; forget them.
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._running = {g for g in self._running if g.task.get_loop() is loop}
+            self._running = {b for b in self._running if b.loop is loop}
             self._loop = loop
-        self._running.add(guard)
+        self._running.add(block)
         # Blocks last the same, so one entered later ends no sooner than the one the
         # timer waits for; only while an overrun is being re-cancelled, every
         # _RECANCEL_EVERY, can a block shorter than that end first.
-        if self._timer is None or guard.ends < self._timer.when():
+        if self._timer is None or block.ends < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = loop.call_at(guard.ends, self._expire)
+            self._timer = loop.call_at(block.ends, self._expire)
+
+    def untrack(self, block: Block) -> None:
+        self._running.discard(block)
 
     def _expire(self) -> None:
         """Cancel every block past its end (again, every _RECANCEL_EVERY, until it
@@ -66,20 +71,31 @@ class Deadlines:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        for guard in tuple(self._running):
-            if guard.task.done():  # ended without leaving its block (loop stopped)
-                self._running.discard(guard)
-            elif guard.ends <= now:
-                guard.cancels += 1
-                guard.task.cancel()
-                guard.ends = now + _RECANCEL_EVERY
+        for block in tuple(self._running):
+            if block.ended():  # ended without leaving its block (loop stopped)
+                self._running.discard(block)
+            elif block.ends <= now:
+                block.expire()
+                block.ends = now + _RECANCEL_EVERY
         if self._running:
-            earliest = min(guard.ends for guard in self._running)
+            earliest = min(block.ends for block in self._running)
             self._timer = loop.call_at(earliest, self._expire)
 
 
+class Block(Protocol):
+    """What a deadline watches: a ``with guard():`` block, or an ``Attempt``."""
+
+    ends: float
+    loop: asyncio.AbstractEventLoop
+
+    def ended(self) -> bool: ...
+
+    def expire(self) -> None:
+        """Cancel the block's work (again, while it goes on)."""
+
+
 class _Guard:
-    __slots__ = ("cancels", "deadlines", "ends", "initial", "task")
+    __slots__ = ("cancels", "deadlines", "ends", "initial", "loop", "task")
 
     def __init__(self, deadlines: Deadlines) -> None:
         self.deadlines = deadlines
@@ -91,9 +107,16 @@ class _Guard:
             raise RuntimeError("a deadline must be used inside a task")
         self.task = task
         self.initial = task.cancelling()
-        loop = task.get_loop()
+        self.loop = loop = task.get_loop()
         self.ends = loop.time() + self.deadlines._seconds
-        self.deadlines._enter(self, loop)
+        self.deadlines.track(self, loop)
+
+    def ended(self) -> bool:
+        return self.task.done()
+
+    def expire(self) -> None:
+        self.cancels += 1
+        self.task.cancel()
 
     def __exit__(
         self,

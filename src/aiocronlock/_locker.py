@@ -28,6 +28,7 @@ from sqlalchemy import Executable, MetaData
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._attempt import Attempt
 from ._cleaner import CLEAN_JOB_NAME, run_cleaner
 from ._clock import SYSTEM_CLOCK, Clock
 from ._deadline import Deadlines
@@ -92,6 +93,13 @@ def _shielded(work: Awaitable[_T]) -> tuple[Future[_T], asyncio.Task[tuple[_T] |
     loop = asyncio.get_running_loop()
     outcome: Future[_T] = loop.create_future()
     return outcome, loop.create_task(_settle(work, outcome))
+
+
+async def _row_of(attempt: asyncio.Task[tuple[tuple[int | None, bool]] | None]) -> int | None:
+    """The row a shielded acquire won, if any (None too when it failed: its error
+    went to the caller)."""
+    decided = await attempt
+    return None if decided is None else decided[0][0]
 
 
 def _next_batch(batch: int, took: float, most: int) -> int:
@@ -492,9 +500,12 @@ class AsyncDBLocker:
         run_time: datetime,
         lease: timedelta | None = None,
     ) -> Lock | None:
-        deciding: Awaitable[tuple[int | None, bool]]
+        # If the caller is cancelled mid-INSERT, the insert still completes (within the
+        # timeout) and a row we won is marked FAILED, never left RUNNING with nobody
+        # running it.
+        row_id: int | None
         if lease is None and self._driver_acquire is not None:
-            deciding = self._run_driver(job_name, identifier)
+            row_id, overlap = await self._acquire_driver(job_name, identifier), False
         else:
             operation = f"lock({job_name!r})"
             params: dict[str, Any] = {
@@ -502,6 +513,7 @@ class AsyncDBLocker:
                 "job_identifier": identifier,
                 "worker": self.worker,
             }
+            deciding: Awaitable[tuple[int | None, bool]]
             if lease is None:
                 deciding = self._run(operation, functools.partial(self._insert, params=params))
             else:
@@ -510,16 +522,14 @@ class AsyncDBLocker:
                 params["lease_worker"] = self.worker
                 exclusive = functools.partial(self._decide_exclusive, params=params)
                 deciding = self._run(operation, exclusive)
-
-        # Shielded: if the caller is cancelled mid-INSERT, the insert still completes
-        # (within the timeout) and a row we won is marked FAILED, never left RUNNING
-        # with nobody running it.
-        outcome, attempt = _shielded(deciding)
-        try:
-            row_id, overlap = await outcome
-        except asyncio.CancelledError:
-            await self._abandon(attempt, job_name, identifier, exclusive=lease is not None)
-            raise
+            outcome, attempt = _shielded(deciding)
+            try:
+                row_id, overlap = await outcome
+            except asyncio.CancelledError:
+                await self._abandon(
+                    _row_of(attempt), job_name, identifier, exclusive=lease is not None
+                )
+                raise
         if row_id is None:
             if overlap:
                 logger.debug("%r %s skipped: another run holds the lease", job_name, identifier)
@@ -614,7 +624,7 @@ class AsyncDBLocker:
 
     async def _abandon(
         self,
-        attempt: asyncio.Task[tuple[tuple[int | None, bool]] | None],
+        attempt: Awaitable[int | None],
         job_name: str,
         identifier: str,
         *,
@@ -622,10 +632,7 @@ class AsyncDBLocker:
     ) -> None:
         """After a cancelled lock(): wait for the insert, and mark a won row FAILED."""
         try:
-            decided = await attempt
-            if decided is None:  # it failed, and its error went to the caller
-                return
-            ((row_id, _),) = decided
+            row_id = await attempt
             if row_id is not None:
                 await self._finish(
                     row_id, Status.FAILED, release_job=job_name if exclusive else None
@@ -907,20 +914,28 @@ class AsyncDBLocker:
         except Exception as error:
             raise self._backend_error(error, operation) from error
 
-    async def _run_driver(self, job_name: str, identifier: str) -> tuple[int | None, bool]:
-        """The plain acquire through the driver (see _driver.py), with _run's guarantees.
+    async def _acquire_driver(self, job_name: str, identifier: str) -> int | None:
+        """The plain acquire through the driver (see _driver.py), with _run's guarantees,
+        in the caller's task (see _attempt.py): this is every lock() call's path.
 
-        The operation's label for an error is only built on an error: this is every
-        lock() call's path.
+        The operation's label for an error is only built on an error.
         """
         assert self._driver_acquire is not None
+        attempt = Attempt(self._send_acquire(job_name, identifier), self._deadlines)
         try:
-            with self._deadlines.guard():
-                async with self._serial_driver:
-                    return await self._driver_acquire(job_name, identifier, self.worker), False
+            return await attempt
+        except asyncio.CancelledError:
+            if attempt.detached is not None:
+                await self._abandon(attempt.detached, job_name, identifier, exclusive=False)
+            raise
         except Exception as error:
             operation = f"lock({job_name!r})"
             raise self._backend_error(error, operation, lost_connection(error)) from error
+
+    async def _send_acquire(self, job_name: str, identifier: str) -> int | None:
+        assert self._driver_acquire is not None
+        async with self._serial_driver:
+            return await self._driver_acquire(job_name, identifier, self.worker)
 
     async def _run_driver_many(
         self, operation: str, names: list[str], identifiers: list[str]
