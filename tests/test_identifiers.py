@@ -165,3 +165,50 @@ async def test_identifiers_are_compared_verbatim(
 
     rows = await fetch_rows(engine, backend.table_name)
     assert [r["job_identifier"] for r in rows] == values
+
+
+async def test_a_custom_strategy_is_asked_on_every_call(make_locker: LockerFactory) -> None:
+    """Only a precision's identifier is kept between calls (it depends on the time
+    alone); a strategy of yours may depend on anything, and is asked every time."""
+    calls: list[str] = []
+
+    def counting(job_name: str, run_time: datetime) -> str:
+        calls.append(job_name)
+        return f"tick-{len(calls)}"
+
+    locker = await make_locker(identifier=counting)
+    instant = datetime.now(UTC).replace(microsecond=0)
+    first = await locker.lock("job", instant)
+    second = await locker.lock("job", instant)
+    assert calls == ["job", "job"]
+    assert first is not None and first.identifier == "tick-1"
+    assert second is not None and second.identifier == "tick-2"
+
+
+async def test_a_precision_names_each_tick_right_call_after_call(
+    make_locker: LockerFactory,
+) -> None:
+    """The precision's last identifier is reused only for the same run time and the
+    same strategy: a new tick, or a strategy swapped in, gets its own."""
+    locker = await make_locker()
+    tick = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    seen = []
+    for job, run_time in [
+        ("a", tick),
+        ("b", tick),  # the same tick: the same identifier
+        ("c", tick.astimezone(timezone(timedelta(hours=5)))),  # the same instant
+        ("d", tick + timedelta(milliseconds=400)),  # another time, the same second
+        ("e", tick + timedelta(seconds=1)),  # the next tick
+    ]:
+        won = await locker.lock(job, run_time)
+        assert won is not None, job
+        seen.append(won.identifier)
+    second = precision()("any", tick)
+    next_second = precision()("any", tick + timedelta(seconds=1))
+    assert seen == [second, second, second, second, next_second]
+
+    locker.identifier = precision(timedelta(hours=1))
+    won = await locker.lock("f", tick + timedelta(seconds=1))  # the last call's time
+    assert won is not None
+    assert won.identifier == precision(timedelta(hours=1))("any", tick)
+    assert won.identifier != next_second

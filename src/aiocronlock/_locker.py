@@ -201,6 +201,8 @@ class AsyncDBLocker:
                 f"precision(timedelta(seconds=1)), not {type(identifier).__name__}"
             )
         self.identifier: IdentifierStrategy = identifier
+        # The last identifier a precision gave: (the strategy, run time, identifier).
+        self._last_identifier: tuple[object, datetime | None, str] = (None, None, "")
         self.ttl = require_timedelta("ttl", ttl)
         self.clean_interval = to_timedelta("clean_interval", clean_interval, allow_none=True)
         # Every database call of this locker ends within ``timeout``, on one shared timer.
@@ -245,7 +247,8 @@ class AsyncDBLocker:
         # in growing sleeps. Other backends need no such thing.
         self._serial: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
         self._serial_driver: contextlib.AbstractAsyncContextManager[Any] = self._serial
-        if self._sql.dialect_name == "sqlite":
+        self._gated = self._sql.dialect_name == "sqlite"
+        if self._gated:
             gate = Gate()
             self._serial = self._serial_driver = gate.alone()
             if self._driver_acquire is not None and self._driver_acquire.shares:
@@ -365,7 +368,7 @@ class AsyncDBLocker:
         check_name("job_name", job_name)
         lease_for = self._lease_for(exclusive, lease)
         run_time, stale = self._tick_time(run_time)
-        identifier = compute_identifier(self.identifier, job_name, run_time)
+        identifier = self._identify(job_name, run_time)
         if stale:
             logger.warning(
                 "refusing %r at %s: the run time is older than ttl (%s)",
@@ -379,6 +382,23 @@ class AsyncDBLocker:
                 )
             return None
         return await self._acquire(job_name, identifier, run_time, lease_for)
+
+    def _identify(self, job_name: str, run_time: datetime) -> str:
+        """The tick's identifier.
+
+        A precision's depends on the run time alone, and the jobs of one tick ask for
+        it one after another: the last one is kept (it costs as much to build as all
+        the rest of lock() before the INSERT).
+        """
+        strategy = self.identifier
+        if strategy.__class__ is not Precision:
+            return compute_identifier(strategy, job_name, run_time)
+        last_strategy, last_time, last = self._last_identifier
+        if last_strategy is strategy and last_time == run_time:
+            return last
+        identifier = strategy(job_name, run_time)
+        self._last_identifier = (strategy, run_time, identifier)
+        return identifier
 
     def _tick_time(self, run_time: datetime | None) -> tuple[datetime, bool]:
         """The run time in UTC (``None``: now), and whether it is older than ``ttl``."""
@@ -418,7 +438,7 @@ class AsyncDBLocker:
         if not names or stale:
             return {}
         if isinstance(self.identifier, Precision):  # the same for every job
-            identifier = compute_identifier(self.identifier, names[0], run_time)
+            identifier = self._identify(names[0], run_time)
             identifiers = dict.fromkeys(names, identifier)
         else:
             identifiers = {
@@ -920,8 +940,14 @@ class AsyncDBLocker:
 
         The operation's label for an error is only built on an error.
         """
-        assert self._driver_acquire is not None
-        attempt = Attempt(self._send_acquire(job_name, identifier), self._deadlines)
+        driver_acquire = self._driver_acquire
+        assert driver_acquire is not None
+        sending = (
+            self._send_acquire(job_name, identifier)
+            if self._gated
+            else driver_acquire(job_name, identifier, self.worker)
+        )
+        attempt = Attempt(sending, self._deadlines)
         try:
             return await attempt
         except asyncio.CancelledError:
@@ -933,6 +959,7 @@ class AsyncDBLocker:
             raise self._backend_error(error, operation, lost_connection(error)) from error
 
     async def _send_acquire(self, job_name: str, identifier: str) -> int | None:
+        """The acquire through the SQLite gate (see __init__)."""
         assert self._driver_acquire is not None
         async with self._serial_driver:
             return await self._driver_acquire(job_name, identifier, self.worker)

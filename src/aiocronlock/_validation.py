@@ -69,6 +69,8 @@ def to_utc(name: str, value: object) -> datetime:
     """A timezone-aware datetime, converted to UTC."""
     if not isinstance(value, datetime):
         raise TypeError(f"{name} must be a timezone-aware datetime, not {type(value).__name__}")
+    if value.tzinfo is UTC:  # most are: no conversion to make
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(
             f"{name} must be timezone-aware, got the naive {value!r}: "
