@@ -61,7 +61,7 @@ FULL = Config(
     probes=2000,
     clean_batch_size=None,
     jobs=500,
-    many_rounds=7,
+    many_rounds=15,
     import_repeats=15,
 )
 SMOKE = Config(
