@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from typing import Any
 
@@ -83,6 +84,7 @@ async def test_a_cancel_racing_the_reply_still_cancels_the_caller() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert task.cancelling() == 1
     assert attempt.detached is not None
     assert await attempt.detached == "row 7"
 
@@ -232,3 +234,74 @@ async def _echo(reply: asyncio.Future[Any]) -> Any:
 
 async def _await(attempt: Attempt[Any]) -> Any:
     return await attempt
+
+
+async def test_the_first_cancel_message_is_the_one_the_caller_gets() -> None:
+    reply = _future()
+    attempt = Attempt(_echo(reply), Deadlines(10.0))
+    task = asyncio.create_task(_await(attempt))
+    await _turns()
+    task.cancel("first")
+    task.cancel("second")
+    with pytest.raises(asyncio.CancelledError, match="first"):
+        await task
+    reply.set_result(None)
+    assert attempt.detached is not None
+    await attempt.detached
+
+
+async def test_a_context_variable_the_work_set_is_reset_after_a_detach() -> None:
+    """Tracing hooks set a context variable around a driver call and reset it after:
+    the detached work runs on in the caller's own context, where the token is valid."""
+    span: contextvars.ContextVar[str] = contextvars.ContextVar("span", default="none")
+    reply = _future()
+
+    async def work() -> str:
+        token = span.set("INSERT")
+        try:
+            return f"row {await reply}"
+        finally:
+            span.reset(token)
+
+    attempt = Attempt(work(), Deadlines(10.0))
+    task = asyncio.create_task(_await(attempt))
+    await _turns()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    reply.set_result(7)
+    assert attempt.detached is not None
+    assert await attempt.detached == "row 7"
+
+
+async def test_closing_the_caller_closes_the_work_and_its_deadline() -> None:
+    deadlines = Deadlines(10.0)
+    ended: list[str] = []
+
+    async def work() -> None:
+        try:
+            await _future()
+        finally:
+            ended.append("work")
+
+    async def caller() -> None:
+        await Attempt(work(), deadlines)
+
+    waiting = caller()
+    waiting.send(None)  # runs to the work's first wait, as a task's first step would
+    assert len(deadlines._running) == 1
+    waiting.close()
+    assert ended == ["work"]
+    assert not deadlines._running
+
+
+async def test_a_future_of_another_loop_is_refused_to_the_work() -> None:
+    """As a task does: the work gets the task's error at once, not a wait for ever."""
+    other = asyncio.new_event_loop()
+    try:
+        deadlines = Deadlines(10.0)
+        with pytest.raises(RuntimeError, match="different loop"):
+            await Attempt(_echo(other.create_future()), deadlines)
+        assert not deadlines._running
+    finally:
+        other.close()

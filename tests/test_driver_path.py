@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -367,3 +368,22 @@ async def test_an_attempt_whose_error_reached_the_caller_is_abandoned_quietly(
         await url_locker._abandon(attempt, "job", "ident", exclusive=False)
         await url_locker._abandon_many(asyncio.ensure_future(handed_over()), {"job": "ident"})
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_an_acquire_runs_in_its_own_task_where_the_driver_would_cancel_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From Python 3.12, asyncmy's read and write timeouts cancel the task they run
+    in, which an acquire in its caller's task would take for its caller's cancel."""
+    urls = {
+        "mysql+asyncmy://root@127.0.0.1:3306/test?read_timeout=5": (True, False),
+        "mysql+asyncmy://root@127.0.0.1:3306/test?write_timeout=5": (True, False),
+        "mysql+asyncmy://root@127.0.0.1:3306/test": (True, True),
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/test?command_timeout=5": (True, True),
+    }
+    for version, index in (((3, 11, 7), 0), ((3, 12, 0), 1)):
+        monkeypatch.setattr(sys, "version_info", version)
+        for url, expected in urls.items():
+            locker = AsyncDBLocker(url, clean_interval=None)  # connects to nothing yet
+            assert locker._driver_acquire is not None
+            assert locker._driver_acquire.runs_inline is expected[index], (version, url)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, bindparam, text, update
+from sqlalchemy import MetaData, bindparam, event, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from _proxy import Proxy
@@ -325,6 +325,32 @@ async def test_connection_dropped_between_insert_and_answer(
     assert _checked_out(a) == 0
 
 
+async def test_a_driver_timeout_inside_a_call_is_its_error_not_a_cancellation(
+    server: str, proxy: Proxy, table: str, make: LockerMaker
+) -> None:
+    """The driver's own timeout on connecting, shorter than the locker's: lock() fails
+    with it, as a BackendError. (asyncpg bounds its connect with asyncio.timeout, and
+    asyncmy its reads with wait_for, which from Python 3.12 is the same: either
+    cancels the task it runs in, and a lock() runs in its caller's task.)"""
+    locker = make(proxy.route(server), worker="a", timeout=5.0)
+    # asyncmy's connect_timeout covers only the TCP connect, which the proxy accepts.
+    driver_timeout = "timeout" if server.startswith("postgresql") else "read_timeout"
+
+    @event.listens_for(locker.engine.sync_engine, "do_connect")
+    def impatient(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams[driver_timeout] = 0.3
+
+    proxy.stall(True)  # connections are accepted, then nothing ever answers
+    started = time.monotonic()
+    with pytest.raises(BackendError):
+        await locker.lock("impatient", _tick())
+    assert time.monotonic() - started < 0.3 + SLACK, "failed at the locker's timeout instead"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    proxy.stall(False)
+    assert await locker.lock("impatient", _tick()) is not None
+
+
 # -- the database stalls ------------------------------------------------------------------------
 
 
@@ -509,6 +535,7 @@ async def test_worker_killed_mid_job(
 # -- cancellation --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "own-task"])
 @pytest.mark.parametrize("cancel_after", [0.05, 0.1, 0.3])
 async def test_cancelled_lock_leaves_no_running_row(
     server: str,
@@ -518,10 +545,16 @@ async def test_cancelled_lock_leaves_no_running_row(
     make: LockerMaker,
     caplog: pytest.LogCaptureFixture,
     cancel_after: float,
+    inline: bool,
 ) -> None:
-    """Each chunk takes 0.2 s each way: cancelled before the INSERT arrives, or after."""
+    """Each chunk takes 0.2 s each way: cancelled before the INSERT arrives, or after.
+
+    ``inline``: the acquire runs in the caller's task; else in a task of its own (as
+    it does where the driver would cancel the task it runs in, see runs_inline)."""
     caplog.set_level(logging.INFO, logger="aiocronlock")
     a = make(proxy.route(server), worker="a", timeout=3)
+    assert a._driver_acquire is not None and a._driver_acquire.runs_inline
+    a._driver_acquire.runs_inline = inline
     warm = await a.lock("warm-up", _tick())
     assert warm is not None
     await warm.unlock()  # prepares the UPDATE too, on PostgreSQL

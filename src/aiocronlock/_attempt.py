@@ -16,6 +16,11 @@ the coroutine, still waiting on its untouched future, goes on in a new task
 The attempt also keeps the call's deadline (see ``_deadline``): past it, the future the
 coroutine waits on is cancelled, whichever task runs it by then, and the attempt
 raises ``TimeoutError``.
+
+What the coroutine must not do: cancel the task it runs in. ``asyncio.timeout()`` and
+``TaskGroup`` do, and from Python 3.12 so does ``wait_for``; the attempt would take that
+cancel for its caller's. The locker runs such parts in a task of their own (a driver's
+connect), or the whole acquire (a driver that bounds its reads so, see ``_driver``).
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ class Attempt(Generic[_T]):
         return self._drive(None, stand_in=True)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The deadline starts when the coroutine first waits (on ``loop``)."""
+        """The deadline starts when the coroutine first waits."""
+        self._started = True
         self.loop = loop
         self.ends = loop.time() + self._deadlines.seconds
         self._deadlines.track(self, loop)
@@ -101,71 +107,94 @@ class Attempt(Generic[_T]):
         cancel of the task does not reach the coroutine (see :meth:`cancel`).
         """
         coro = self._coro
-        while True:
-            if waiting is not None:
-                if stand_in:
-                    # What a task does to a future it waits on, and then it waits on us.
-                    waiting._asyncio_future_blocking = False
-                    self._waiting = waiting
-                    self._asyncio_future_blocking = True
-                    # (A try costs nothing here; contextlib.suppress would, every call.)
-                    try:  # noqa: SIM105
-                        yield self
-                    except BaseException:
-                        pass  # the future's own outcome: coro reads it from the future
-                    self._waiting = None
-                    if self._interrupted:
-                        self._detach(waiting)
-                        raise asyncio.CancelledError(self._cancel_message)
-                else:
-                    self._waiting = waiting
-                    try:
-                        yield waiting
-                    except asyncio.CancelledError:
-                        if not waiting.cancelled():  # the task itself was cancelled
-                            self._throw = True
-                    except BaseException:
-                        pass  # the future's own error: coro reads it from the future
-                    self._waiting = None
-            try:
-                if self._throw:
+        # What the task threw in that is not the awaited future's own outcome (which
+        # coro reads from the future): thrown into coro where it resumes, as a task
+        # would.
+        thrown: BaseException | None = None
+        try:
+            while True:
+                if waiting is not None:
+                    # (A future of another loop goes to the task as it is, to be refused.)
+                    if stand_in and waiting.get_loop() is self.loop:
+                        # What a task does to a future it waits on; then it waits on us.
+                        waiting._asyncio_future_blocking = False
+                        self._waiting = waiting
+                        self._asyncio_future_blocking = True
+                        try:
+                            yield self
+                        except GeneratorExit:
+                            raise
+                        except BaseException as error:
+                            thrown = _not_outcome_of(waiting, error)
+                        self._waiting = None
+                        if self._interrupted:
+                            self._detach(waiting)
+                            raise asyncio.CancelledError(self._cancel_message)
+                    else:
+                        self._waiting = waiting
+                        try:
+                            yield waiting
+                        except GeneratorExit:
+                            raise
+                        except BaseException as error:
+                            thrown = _not_outcome_of(waiting, error)
+                        self._waiting = None
+                if self._throw:  # the deadline passed where no future could be cancelled
                     self._throw = False
-                    yielded = coro.throw(asyncio.CancelledError())
-                else:
-                    yielded = coro.send(None)
-            except StopIteration as stop:
-                self._end()
-                result: _T = stop.value
-                return result
-            except asyncio.CancelledError as error:
-                self._end()
-                if self._expired:
-                    raise TimeoutError from error
-                raise
-            except BaseException:
-                self._end()
-                raise
-            if not self._started:
-                self._started = True
-                # (asyncio.get_running_loop() makes a system call, a future's loop not.)
-                loop = yielded.get_loop() if asyncio.isfuture(yielded) else None
-                self._start(loop or asyncio.get_running_loop())
-            if yielded is None:
-                # A bare yield: coro gives up one turn of the loop.
+                    if thrown is None:
+                        thrown = asyncio.CancelledError()
                 try:
-                    yield None
-                except asyncio.CancelledError:
-                    if stand_in:
-                        self._detach(None)
+                    if thrown is None:
+                        yielded = coro.send(None)
+                    else:
+                        throwing, thrown = thrown, None
+                        yielded = coro.throw(throwing)
+                except StopIteration as stop:
+                    self._end()
+                    result: _T = stop.value
+                    return result
+                except asyncio.CancelledError as error:
+                    self._end()
+                    if self._expired:
+                        raise TimeoutError from error
+                    raise
+                except BaseException:
+                    self._end()
+                    raise
+                if not self._started:
+                    self._start(asyncio.get_running_loop())
+                if yielded is None:
+                    # A bare yield: coro gives up one turn of the loop.
+                    try:
+                        yield None
+                    except GeneratorExit:
                         raise
-                    self._throw = True
-                waiting = None
-            elif asyncio.isfuture(yielded):
-                waiting = yielded
-            else:
-                # Not a future: let the task say what is wrong with it.
-                yield yielded
-                waiting = None
+                    except asyncio.CancelledError as error:
+                        if stand_in:
+                            self._detach(None)
+                            raise
+                        thrown = error
+                    except BaseException as error:
+                        thrown = error
+                    waiting = None
+                elif asyncio.isfuture(yielded):
+                    waiting = yielded
+                else:
+                    # Not a future: the task says what is wrong with it, to coro.
+                    try:
+                        yield yielded
+                    except GeneratorExit:
+                        raise
+                    except BaseException as error:
+                        thrown = error
+                    waiting = None
+        except GeneratorExit:
+            # Whoever awaited this is closed, unfinished: so is coro (unless it goes
+            # on in a task of its own already).
+            if not self._over and self.detached is None:
+                self._end()
+                coro.close()
+            raise
 
     def _end(self) -> None:
         self._over = True
@@ -173,12 +202,17 @@ class Attempt(Generic[_T]):
             self._deadlines.untrack(self)
 
     def _detach(self, waiting: asyncio.Future[Any] | None) -> None:
-        """The caller was cancelled: run the coroutine on in a task of its own."""
+        """The caller was cancelled: run the coroutine on in a task of its own.
+
+        The task runs in the caller's own context, not a copy: coro started there, and
+        a context variable it set before must be reset in the same context. A plain
+        Task, not the loop's task factory: an eager one would start it here, inside
+        the caller's step, where that context is entered already.
+        """
         if waiting is not None:
             waiting._asyncio_future_blocking = True
-        self.detached = self.loop.create_task(
-            _Rest(self, waiting).run(), context=contextvars.copy_context()
-        )
+        context = self._wakeup_context or contextvars.copy_context()
+        self.detached = asyncio.Task(_Rest(self, waiting).run(), loop=self.loop, context=context)
 
     # -- the deadline (called by Deadlines) ----------------------------------------
 
@@ -235,6 +269,18 @@ class Attempt(Generic[_T]):
 
     def __repr__(self) -> str:
         return f"<Attempt {self._coro!r} waiting on {self._waiting!r}>"
+
+
+def _not_outcome_of(future: asyncio.Future[Any], error: BaseException) -> BaseException | None:
+    """``error``, thrown by the task into a coroutine waiting on ``future``, unless it
+    is the future's own outcome (which the coroutine reads from the future itself)."""
+    if future.done():
+        if future.cancelled():
+            if isinstance(error, asyncio.CancelledError):
+                return None
+        elif error is future.exception():
+            return None
+    return error
 
 
 class _Rest(Generic[_T]):

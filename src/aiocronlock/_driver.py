@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -121,6 +122,7 @@ class DriverAcquire:
         "_rows_statement",
         "_users",
         "_window",
+        "runs_inline",
         "shares",
         "sql",
     )
@@ -149,6 +151,14 @@ class DriverAcquire:
         # (in-memory SQLite).
         pool = engine.sync_engine.pool
         self._keep = pool.size() if isinstance(pool, QueuePool) else 0
+        #: Whether an acquire may run in its caller's task (see _attempt.py): not where
+        #: the driver bounds a read with wait_for, which from Python 3.12 cancels the
+        #: task it runs in (asyncmy, given a read or write timeout in the URL).
+        self.runs_inline = not (
+            driver == "asyncmy"
+            and sys.version_info >= (3, 12)
+            and any(key in engine.url.query for key in ("read_timeout", "write_timeout"))
+        )
         #: Whether concurrent calls share the one kept connection (SQLite, see above).
         self.shares = driver == "aiosqlite" and self._keep > 0
         if self.shares:
@@ -312,7 +322,11 @@ class DriverAcquire:
             if time.monotonic() - last_used < KEEP_IDLE_S:
                 return pooled
             self._give_back(pooled)
-        return await self._engine.raw_connection()
+        # In a task of its own: a driver bounds its connect with asyncio.timeout() (or,
+        # from Python 3.12, wait_for), which cancels the task it runs in, and an
+        # acquire runs in its caller's task (see _attempt.py), which would take that
+        # for its caller being cancelled.
+        return await asyncio.get_running_loop().create_task(self._engine.raw_connection())
 
     async def _open_shared(self) -> PoolProxiedConnection:
         try:

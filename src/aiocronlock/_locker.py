@@ -524,7 +524,8 @@ class AsyncDBLocker:
         # timeout) and a row we won is marked FAILED, never left RUNNING with nobody
         # running it.
         row_id: int | None
-        if lease is None and self._driver_acquire is not None:
+        driver_acquire = self._driver_acquire if lease is None else None
+        if driver_acquire is not None and driver_acquire.runs_inline:
             row_id, overlap = await self._acquire_driver(job_name, identifier), False
         else:
             operation = f"lock({job_name!r})"
@@ -534,7 +535,9 @@ class AsyncDBLocker:
                 "worker": self.worker,
             }
             deciding: Awaitable[tuple[int | None, bool]]
-            if lease is None:
+            if driver_acquire is not None:  # in a task of its own, then
+                deciding = self._guarded_acquire(job_name, identifier)
+            elif lease is None:
                 deciding = self._run(operation, functools.partial(self._insert, params=params))
             else:
                 params["lease"] = lease_param(self._sql.dialect_name, lease)
@@ -958,8 +961,17 @@ class AsyncDBLocker:
             operation = f"lock({job_name!r})"
             raise self._backend_error(error, operation, lost_connection(error)) from error
 
+    async def _guarded_acquire(self, job_name: str, identifier: str) -> tuple[int | None, bool]:
+        """The driver-path acquire for a task of its own, with the deadline of _run."""
+        try:
+            with self._deadlines.guard():
+                return await self._send_acquire(job_name, identifier), False
+        except Exception as error:
+            operation = f"lock({job_name!r})"
+            raise self._backend_error(error, operation, lost_connection(error)) from error
+
     async def _send_acquire(self, job_name: str, identifier: str) -> int | None:
-        """The acquire through the SQLite gate (see __init__)."""
+        """The driver-path acquire, through the SQLite gate on SQLite (see __init__)."""
         assert self._driver_acquire is not None
         async with self._serial_driver:
             return await self._driver_acquire(job_name, identifier, self.worker)
