@@ -305,3 +305,61 @@ async def test_a_future_of_another_loop_is_refused_to_the_work() -> None:
         assert not deadlines._running
     finally:
         other.close()
+
+
+async def test_detached_work_cancelled_before_it_ran_is_closed() -> None:
+    """A second cancel of the caller, while it waits for the detached work (as the
+    locker does), can land before that task's first step: the work is closed then,
+    and its deadline stops."""
+    deadlines = Deadlines(0.05)
+    ended: list[str] = []
+
+    async def work() -> None:
+        try:
+            await _future()
+        finally:
+            ended.append("work")
+
+    attempt = Attempt(work(), deadlines)
+
+    async def caller() -> None:
+        try:
+            await attempt
+        except asyncio.CancelledError:
+            assert attempt.detached is not None
+            await attempt.detached
+            raise
+
+    task = asyncio.create_task(caller())
+    await _turns()
+    task.cancel()
+    asyncio.get_running_loop().call_soon(task.cancel)  # before the detached task's step
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert attempt.detached is not None and attempt.detached.cancelled()
+    assert ended == ["work"]
+    assert not deadlines._running
+
+
+async def test_a_deadline_right_after_the_detach_cancels_the_wait_at_once() -> None:
+    reply = _future()
+    attempt = Attempt(_echo(reply), Deadlines(10.0))
+    cancelled_at_expiry: list[bool] = []
+
+    async def caller() -> None:
+        try:
+            await attempt
+        except asyncio.CancelledError:
+            attempt.expire()  # before the detached task's first step
+            cancelled_at_expiry.append(reply.cancelled())
+            raise
+
+    task = asyncio.create_task(caller())
+    await _turns()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled_at_expiry == [True]
+    assert attempt.detached is not None
+    with pytest.raises(TimeoutError):
+        await attempt.detached

@@ -189,11 +189,9 @@ class Attempt(Generic[_T]):
                         thrown = error
                     waiting = None
         except GeneratorExit:
-            # Whoever awaited this is closed, unfinished: so is coro (unless it goes
-            # on in a task of its own already).
-            if not self._over and self.detached is None:
-                self._end()
-                coro.close()
+            # Whoever awaited this is closed, unfinished: so is coro. (A generator that
+            # handed coro to a task of its own has ended already.)
+            self._close()
             raise
 
     def _end(self) -> None:
@@ -211,8 +209,25 @@ class Attempt(Generic[_T]):
         """
         if waiting is not None:
             waiting._asyncio_future_blocking = True
-        context = self._wakeup_context or contextvars.copy_context()
-        self.detached = asyncio.Task(_Rest(self, waiting).run(), loop=self.loop, context=context)
+        # What coro waits on, for a deadline that passes before the task's first step.
+        self._waiting = waiting
+        context = self._wakeup_context
+        if context is None:  # coro never waited on a future here: no context to share
+            context = contextvars.copy_context()
+        detached = asyncio.Task(_Rest(self, waiting).run(), loop=self.loop, context=context)
+        # Cancelled before its first step, the task never runs coro: close it then.
+        detached.add_done_callback(self._detached_done)
+        self.detached = detached
+
+    def _detached_done(self, task: asyncio.Task[_T]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """End coro unfinished, if it has not ended (it runs its cleanup, which must
+        not wait), and stop its deadline."""
+        if not self._over:
+            self._end()
+            self._coro.close()
 
     # -- the deadline (called by Deadlines) ----------------------------------------
 
