@@ -115,30 +115,22 @@ class Attempt(Generic[_T]):
             while True:
                 if waiting is not None:
                     # (A future of another loop goes to the task as it is, to be refused.)
-                    if stand_in and waiting.get_loop() is self.loop:
+                    standing_in = stand_in and waiting.get_loop() is self.loop
+                    if standing_in:
                         # What a task does to a future it waits on; then it waits on us.
                         waiting._asyncio_future_blocking = False
-                        self._waiting = waiting
                         self._asyncio_future_blocking = True
-                        try:
-                            yield self
-                        except GeneratorExit:
-                            raise
-                        except BaseException as error:
-                            thrown = _not_outcome_of(waiting, error)
-                        self._waiting = None
-                        if self._interrupted:
-                            self._detach(waiting)
-                            raise asyncio.CancelledError(self._cancel_message)
-                    else:
-                        self._waiting = waiting
-                        try:
-                            yield waiting
-                        except GeneratorExit:
-                            raise
-                        except BaseException as error:
-                            thrown = _not_outcome_of(waiting, error)
-                        self._waiting = None
+                    self._waiting = waiting
+                    try:
+                        yield self if standing_in else waiting
+                    except GeneratorExit:
+                        raise
+                    except BaseException as error:
+                        thrown = _not_outcome_of(waiting, error)
+                    self._waiting = None
+                    if standing_in and self._interrupted:
+                        self._detach(waiting)
+                        raise asyncio.CancelledError(self._cancel_message)
                 if self._throw:  # the deadline passed where no future could be cancelled
                     self._throw = False
                     if thrown is None:
