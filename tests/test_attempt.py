@@ -115,13 +115,8 @@ async def test_a_cancel_at_a_bare_yield_detaches_too() -> None:
         return len(steps)
 
     attempt = Attempt(work(), Deadlines(10.0))
-    task = asyncio.create_task(_await(attempt))
-    await _turns()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert attempt.detached is not None
-    assert await attempt.detached == 20
+    detached = await _cancel_caller(attempt)
+    assert await detached == 20
 
 
 async def test_the_caller_keeps_no_cancellation_after_the_attempt() -> None:
@@ -178,14 +173,9 @@ async def test_past_the_deadline_cleanup_that_awaits_again_is_cancelled_again() 
 async def test_the_deadline_still_applies_to_detached_work() -> None:
     reply = _future()
     attempt = Attempt(_echo(reply), Deadlines(0.1))
-    task = asyncio.create_task(_await(attempt))
-    await _turns()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert attempt.detached is not None
+    detached = await _cancel_caller(attempt)
     with pytest.raises(TimeoutError):
-        await attempt.detached
+        await detached
     assert reply.cancelled()
 
 
@@ -216,15 +206,10 @@ async def test_a_deadline_after_the_reply_landed_cancels_the_work_on_resuming() 
 async def test_cancelling_detached_work_cancels_it() -> None:
     reply = _future()
     attempt = Attempt(_echo(reply), Deadlines(10.0))
-    task = asyncio.create_task(_await(attempt))
-    await _turns()
-    task.cancel()
+    detached = await _cancel_caller(attempt)
+    detached.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
-    assert attempt.detached is not None
-    attempt.detached.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await attempt.detached
+        await detached
     assert reply.cancelled()
 
 
@@ -234,6 +219,18 @@ async def _echo(reply: asyncio.Future[Any]) -> Any:
 
 async def _await(attempt: Attempt[Any]) -> Any:
     return await attempt
+
+
+async def _cancel_caller(attempt: Attempt[Any]) -> asyncio.Task[Any]:
+    """Await ``attempt`` in a task, cancel that task while the work waits; the task
+    that runs the work on."""
+    task = asyncio.create_task(_await(attempt))
+    await _turns()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert attempt.detached is not None
+    return attempt.detached
 
 
 async def test_the_first_cancel_message_is_the_one_the_caller_gets() -> None:
@@ -264,14 +261,9 @@ async def test_a_context_variable_the_work_set_is_reset_after_a_detach() -> None
             span.reset(token)
 
     attempt = Attempt(work(), Deadlines(10.0))
-    task = asyncio.create_task(_await(attempt))
-    await _turns()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    detached = await _cancel_caller(attempt)
     reply.set_result(7)
-    assert attempt.detached is not None
-    assert await attempt.detached == "row 7"
+    assert await detached == "row 7"
 
 
 async def test_closing_the_caller_closes_the_work_and_its_deadline() -> None:
