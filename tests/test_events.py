@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import MetaData, update
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from _lease_support import EventLog, drop_leases_table, tick
 from aiocronlock import EventKind, LockEvent, Scheduler, lock_table
+from aiocronlock._events import Events
 from aiocronlock.testing import memory_locker
 from conftest import Backend, LockerFactory
 
@@ -183,3 +185,38 @@ async def test_a_failing_subscriber_is_logged_and_does_not_break_lock(
         "metrics backend down (acquired)",
         "metrics backend down (finished)",
     ]
+
+
+def test_a_failing_recorder_is_logged_and_subscribers_still_hear(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The recorder is the locker's own telemetry; it gets the fields, not a LockEvent.
+    caplog.set_level(logging.ERROR, logger="aiocronlock.events")
+    events = Events()
+    assert not events
+    recorded: list[tuple[EventKind, str | None, str | None, dict[str, object]]] = []
+
+    def broken(kind: EventKind, job: str | None, identifier: str | None, details: Any) -> None:
+        recorded.append((kind, job, identifier, details))
+        raise RuntimeError("exporter down")
+
+    stop = events.record_with(broken)
+    assert events  # a recorder alone is listening
+    heard: list[LockEvent] = []
+    events.subscribe(heard.append)
+    events.emit(EventKind.LOST_RACE, "w", "report", "2026-01-01T00:00:00", {"run_time": None})
+
+    assert recorded == [(EventKind.LOST_RACE, "report", "2026-01-01T00:00:00", {"run_time": None})]
+    assert heard == [
+        LockEvent(
+            kind=EventKind.LOST_RACE,
+            worker="w",
+            job_name="report",
+            identifier="2026-01-01T00:00:00",
+        )
+    ]
+    (failure,) = [r for r in caplog.records if r.name == "aiocronlock.events"]
+    assert "recorder" in failure.getMessage()
+    stop()
+    events.emit(EventKind.LOST_RACE, "w", "report", "x", {})
+    assert len(recorded) == 1 and len(heard) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from opentelemetry import metrics, trace
@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from aiocronlock import EventKind, LockEvent
 from aiocronlock.testing import memory_locker
 
 
@@ -33,23 +34,33 @@ class Telemetry:
     def runs_of(self, job: str) -> list[ReadableSpan]:
         return [s for s in self.spans.get_finished_spans() if s.name == f"aiocronlock run {job}"]
 
-    def ticks_of(self, job: str) -> dict[str, int]:
-        """The ``aiocronlock.ticks`` counter's value for ``job``, by outcome."""
-        counts: dict[str, int] = {}
+    def points(self, name: str) -> Iterator[NumberDataPoint]:
+        """The data points of the counter ``name``."""
         data = self.metrics.get_metrics_data()
         for resource in data.resource_metrics if data is not None else []:
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
-                    if metric.name != "aiocronlock.ticks":
-                        continue
-                    for point in metric.data.data_points:
-                        attributes = dict(point.attributes or {})
-                        if attributes.get("aiocronlock.job") != job:
-                            continue
-                        assert isinstance(point, NumberDataPoint)
-                        outcome = str(attributes["aiocronlock.outcome"])
-                        counts[outcome] = counts.get(outcome, 0) + int(point.value)
+                    if metric.name == name:
+                        for point in metric.data.data_points:
+                            assert isinstance(point, NumberDataPoint)
+                            yield point
+
+    def ticks_of(self, job: str, by: str = "aiocronlock.outcome") -> dict[str, int]:
+        """The ``aiocronlock.ticks`` counter's value for ``job``, by outcome (or ``by``)."""
+        counts: dict[str, int] = {}
+        for point in self.points("aiocronlock.ticks"):
+            attributes = dict(point.attributes or {})
+            if attributes.get("aiocronlock.job") == job:
+                key = str(attributes.get(by))
+                counts[key] = counts.get(key, 0) + int(point.value)
         return counts
+
+    def cleaned_by(self, worker: str) -> int:
+        return sum(
+            int(point.value)
+            for point in self.points("aiocronlock.cleaned_rows")
+            if dict(point.attributes or {}) == {"aiocronlock.worker": worker}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +148,46 @@ async def test_telemetry_false_records_nothing(telemetry: Telemetry) -> None:
 
     assert telemetry.runs_of(job) == []
     assert telemetry.ticks_of(job) == {}
+
+
+async def test_a_subscriber_sees_every_event_telemetry_records(telemetry: Telemetry) -> None:
+    # Telemetry takes the events' fields without a LockEvent; a subscriber beside it
+    # still gets each event, whole.
+    job = _job()
+    seen: list[LockEvent] = []
+    async with memory_locker(worker="w-1") as locker:
+        locker.subscribe(seen.append)
+        lock = await locker.lock(job, _tick(0))
+        assert lock is not None
+        assert await locker.lock(job, _tick(0)) is None
+        async with lock:
+            pass
+
+    assert [(e.kind, e.worker, e.job_name, e.identifier, e.lock_id) for e in seen] == [
+        (EventKind.ACQUIRED, "w-1", job, lock.identifier, lock.id),
+        (EventKind.LOST_RACE, "w-1", job, lock.identifier, None),
+        (EventKind.FINISHED, "w-1", job, lock.identifier, lock.id),
+    ]
+    assert telemetry.ticks_of(job) == {"acquired": 1, "lost_race": 1, "finished": 1}
+    assert len(telemetry.runs_of(job)) == 1
+
+
+async def test_a_skip_is_counted_with_its_reason_and_pruned_rows_are_counted(
+    telemetry: Telemetry,
+) -> None:
+    job, worker = _job(), f"w-{uuid.uuid4().hex[:8]}"
+    async with memory_locker(worker=worker, ttl=timedelta(hours=1)) as locker:
+        stale = datetime.now(UTC) - timedelta(hours=2)
+        assert await locker.lock(job, stale) is None
+        old = await locker.lock(f"{job}-old", datetime.now(UTC))
+        assert old is not None
+        await old.unlock()
+        async with locker.engine.begin() as conn:  # age the row past the ttl
+            await conn.execute(
+                locker.table.update().values(created_at=datetime.now(UTC) - timedelta(hours=2))
+            )
+        assert await locker.clean() == 1
+
+    assert telemetry.ticks_of(job) == {"skipped": 1}
+    assert telemetry.ticks_of(job, by="aiocronlock.reason") == {"stale": 1}
+    assert telemetry.cleaned_by(worker) == 1

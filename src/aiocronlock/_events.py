@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 logger = logging.getLogger("aiocronlock.events")
 
@@ -41,18 +42,25 @@ class LockEvent:
 
 
 Subscriber = Callable[[LockEvent], None]
+#: The locker's own telemetry (see _otel), which takes an event's fields as they are:
+#: ``(kind, job_name, identifier, other fields by name)``. Building a LockEvent costs
+#: more than recording a metric, and every lost race on every tick emits one.
+Recorder = Callable[[EventKind, str | None, str | None, dict[str, Any]], None]
 
 
 class Events:
-    """A list of callbacks. A callback that raises is logged and does not stop the others."""
+    """A list of callbacks, and the locker's own recorder. A callback that raises is
+    logged and does not stop the others."""
 
-    __slots__ = ("_subscribers",)
+    __slots__ = ("_recorder", "_subscribers")
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._recorder: Recorder | None = None
 
     def __bool__(self) -> bool:
-        return bool(self._subscribers)
+        """Whether anyone listens: if not, the locker does not emit."""
+        return self._recorder is not None or bool(self._subscribers)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         if not callable(callback):
@@ -65,7 +73,36 @@ class Events:
 
         return unsubscribe
 
-    def emit(self, event: LockEvent) -> None:
+    def record_with(self, recorder: Recorder) -> Callable[[], None]:
+        """Hand every event's fields to ``recorder`` (one at a time); returns the undo."""
+        self._recorder = recorder
+
+        def stop() -> None:
+            if self._recorder is recorder:
+                self._recorder = None
+
+        return stop
+
+    def emit(
+        self,
+        kind: EventKind,
+        worker: str,
+        job_name: str | None,
+        identifier: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        """Record the event, and build a LockEvent of it only if someone subscribed."""
+        recorder = self._recorder
+        if recorder is not None:
+            try:
+                recorder(kind, job_name, identifier, details)
+            except Exception:
+                logger.exception("the event recorder %r failed on %s", recorder, kind)
+        if not self._subscribers:
+            return
+        event = LockEvent(
+            kind=kind, worker=worker, job_name=job_name, identifier=identifier, **details
+        )
         for callback in list(self._subscribers):
             try:
                 callback(event)

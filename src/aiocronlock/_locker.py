@@ -35,7 +35,7 @@ from ._deadline import Deadlines
 from ._driver import DriverAcquire, lost_connection
 from ._engine import create_engine_from_url, describe, parse_url, translate_error
 from ._errors import BackendError
-from ._events import EventKind, Events, LockEvent, Subscriber
+from ._events import EventKind, Events, Subscriber
 from ._gate import Gate
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
@@ -916,11 +916,7 @@ class AsyncDBLocker:
         identifier: str | None,
         **details: Any,
     ) -> None:
-        self.events.emit(
-            LockEvent(
-                kind=kind, worker=self.worker, job_name=job_name, identifier=identifier, **details
-            )
-        )
+        self.events.emit(kind, self.worker, job_name, identifier, details)
 
     # -- plumbing --------------------------------------------------------------------------
 

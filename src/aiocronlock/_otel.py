@@ -10,17 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._events import EventKind, LockEvent
+from ._events import EventKind
 
 if TYPE_CHECKING:
     from ._locker import AsyncDBLocker
 
 #: Outcomes that end a run's span, and the span status each gives.
 _ENDINGS = {EventKind.FINISHED: True, EventKind.FAILED: False, EventKind.LEASE_LOST: False}
+#: Each kind's value, looked up once (an enum's ``.value`` is a property).
+_OUTCOMES = {kind: kind.value for kind in EventKind}
 
 
 def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
-    """Subscribe spans and metrics to ``locker``'s events; returns the unsubscribe function."""
+    """Record spans and metrics of ``locker``'s events; returns the function that stops it.
+
+    It takes the events' fields directly (see ``Events.record_with``): no LockEvent is
+    built for it, so a locker nobody else subscribes to pays only for the metric.
+    """
     from opentelemetry import metrics, trace
 
     tracer = trace.get_tracer("aiocronlock")
@@ -33,40 +39,46 @@ def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
     cleaned = meter.create_counter(
         "aiocronlock.cleaned_rows", unit="{row}", description="Rows pruned by this instance"
     )
+    worker = locker.worker
     spans: dict[int, Any] = {}
 
-    def on_event(event: LockEvent) -> None:
-        if event.kind == EventKind.CLEANED:
-            cleaned.add(event.rows or 0, {"aiocronlock.worker": event.worker})
+    def record(
+        kind: EventKind, job_name: str | None, identifier: str | None, details: dict[str, Any]
+    ) -> None:
+        if kind is EventKind.CLEANED:
+            cleaned.add(details.get("rows") or 0, {"aiocronlock.worker": worker})
             return
-        if event.kind == EventKind.LEASE_RENEWED:
+        if kind is EventKind.LEASE_RENEWED:
             return
+        outcome = _OUTCOMES[kind]
         attributes = {
-            "aiocronlock.job": event.job_name or "",
-            "aiocronlock.outcome": event.kind.value,
-            "aiocronlock.worker": event.worker,
+            "aiocronlock.job": job_name or "",
+            "aiocronlock.outcome": outcome,
+            "aiocronlock.worker": worker,
         }
-        if event.reason:
-            attributes["aiocronlock.reason"] = event.reason
+        reason = details.get("reason")
+        if reason:
+            attributes["aiocronlock.reason"] = reason
         ticks.add(1, attributes)
-        if event.lock_id is None:
+        lock_id = details.get("lock_id")
+        if lock_id is None:
             return
-        if event.kind == EventKind.ACQUIRED:
-            spans[event.lock_id] = tracer.start_span(
-                f"aiocronlock run {event.job_name}",
+        if kind is EventKind.ACQUIRED:
+            spans[lock_id] = tracer.start_span(
+                f"aiocronlock run {job_name}",
                 attributes={
-                    "aiocronlock.job": event.job_name or "",
-                    "aiocronlock.identifier": event.identifier or "",
-                    "aiocronlock.worker": event.worker,
-                    "aiocronlock.lock_id": event.lock_id,
+                    "aiocronlock.job": job_name or "",
+                    "aiocronlock.identifier": identifier or "",
+                    "aiocronlock.worker": worker,
+                    "aiocronlock.lock_id": lock_id,
                 },
             )
-        elif event.kind in _ENDINGS:
-            span = spans.pop(event.lock_id, None)
+        elif kind in _ENDINGS:
+            span = spans.pop(lock_id, None)
             if span is not None:
-                span.set_attribute("aiocronlock.outcome", event.kind.value)
-                if not _ENDINGS[event.kind]:
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, event.kind.value))
+                span.set_attribute("aiocronlock.outcome", outcome)
+                if not _ENDINGS[kind]:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
                 span.end()
 
-    return locker.subscribe(on_event)
+    return locker.events.record_with(record)
