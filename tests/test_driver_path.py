@@ -37,7 +37,7 @@ async def url_locker(backend: Backend) -> AsyncIterator[AsyncDBLocker]:
 def _kept(locker: AsyncDBLocker) -> list[Any]:
     """The connections the driver path keeps checked out between calls."""
     assert locker._driver_acquire is not None
-    return [pooled for pooled, _ in locker._driver_acquire._idle]
+    return [pooled for pooled, _, _ in locker._driver_acquire._idle]
 
 
 async def _questions(driver: Any) -> int:

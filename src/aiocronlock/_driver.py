@@ -142,8 +142,9 @@ class DriverAcquire:
         self._many: OrderedDict[int, _Compiled] = OrderedDict()
         # Job names and identifiers are stored as UTF-8 bytes on MySQL (see ExactText).
         self._encode = driver == "asyncmy"
-        # Connections kept checked out between calls, each with when it was last used.
-        self._idle: list[tuple[PoolProxiedConnection, float]] = []
+        # Connections kept checked out between calls, each with its driver connection
+        # (a property two objects deep) and when it was last used.
+        self._idle: list[tuple[PoolProxiedConnection, Any, float]] = []
         # Connections on their way back to the pool (see _give_back).
         self._returning: set[asyncio.Task[None]] = set()
         # As many as the pool holds idle (SQLAlchemy's own checkouts, for unlock and
@@ -242,11 +243,15 @@ class DriverAcquire:
 
         ``rows``: return every row it returned; else the new row's id or ``None``.
         """
-        pooled = await self._checkout()
-        self._users += 1
-        try:
+        kept = self._kept()
+        if kept is None:
+            pooled = await self._checkout()
             connection = pooled.driver_connection
             assert connection is not None
+        else:
+            pooled, connection = kept
+        self._users += 1
+        try:
             result: Any
             if self._driver == "asyncpg":
                 if rows:
@@ -278,10 +283,10 @@ class DriverAcquire:
             self._users -= 1
         if self.shares:
             if self._idle and self._idle[-1][0] is pooled:
-                self._idle[-1] = (pooled, time.monotonic())
+                self._idle[-1] = (pooled, connection, time.monotonic())
             # else: released or retired meanwhile, by whoever took it off the list
         elif len(self._idle) < self._keep:
-            self._idle.append((pooled, time.monotonic()))
+            self._idle.append((pooled, connection, time.monotonic()))
         else:
             self._give_back(pooled)
         return result
@@ -294,7 +299,7 @@ class DriverAcquire:
         them all: each reconnects on its next checkout. (A shared SQLite connection has
         no server to lose, and other calls may still be using it: only it goes.)
         """
-        self._idle = [(kept, used) for kept, used in self._idle if kept is not pooled]
+        self._idle = [kept for kept in self._idle if kept[0] is not pooled]
         if self.shares:
             if pooled.is_valid:  # else another call sharing it retired it already
                 pooled.invalidate(error)
@@ -302,26 +307,33 @@ class DriverAcquire:
         self._engine.sync_engine.pool._invalidate(pooled, error)
         self.release()
 
-    async def _checkout(self) -> PoolProxiedConnection:
-        """A kept connection used recently, else one from the pool; on SQLite, the
-        shared one, opened by one call for all."""
+    def _kept(self) -> tuple[PoolProxiedConnection, Any] | None:
+        """A kept connection used recently, with its driver connection, if there is one
+        (on SQLite, the shared one); those idle too long go back to the pool."""
         if self.shares:
             if self._idle:
-                pooled, last_used = self._idle[-1]
+                pooled, connection, last_used = self._idle[-1]
                 if self._users or time.monotonic() - last_used < KEEP_IDLE_S:
-                    return pooled
+                    return pooled, connection
                 self._idle.pop()  # idle too long, and nobody is using it
                 self._give_back(pooled)
+            return None
+        while self._idle:
+            pooled, connection, last_used = self._idle.pop()
+            if time.monotonic() - last_used < KEEP_IDLE_S:
+                return pooled, connection
+            self._give_back(pooled)
+        return None
+
+    async def _checkout(self) -> PoolProxiedConnection:
+        """A connection from the pool, when none is kept (see _kept); on SQLite, the
+        shared one, opened by one call for all."""
+        if self.shares:
             if self._opening is None:
                 self._opening = asyncio.get_running_loop().create_task(self._open_shared())
                 self._opening.add_done_callback(_retrieved)  # its callers may all be gone
             # Shielded: a caller that gives up does not stop the opening for the others.
             return await asyncio.shield(self._opening)
-        while self._idle:
-            pooled, last_used = self._idle.pop()
-            if time.monotonic() - last_used < KEEP_IDLE_S:
-                return pooled
-            self._give_back(pooled)
         # In a task of its own: a driver bounds its connect with asyncio.timeout() (or,
         # from Python 3.12, wait_for), which cancels the task it runs in, and an
         # acquire runs in its caller's task (see _attempt.py), which would take that
@@ -333,7 +345,8 @@ class DriverAcquire:
             pooled = await self._engine.raw_connection()
         finally:
             self._opening = None
-        self._idle.append((pooled, time.monotonic()))  # close() waits for this
+        # close() waits for this
+        self._idle.append((pooled, pooled.driver_connection, time.monotonic()))
         return pooled
 
     def _give_back(self, pooled: PoolProxiedConnection) -> None:
@@ -349,7 +362,7 @@ class DriverAcquire:
     def release(self) -> None:
         """Return every kept connection to the pool (in the background)."""
         idle, self._idle = self._idle, []
-        for pooled, _ in idle:
+        for pooled, _, _ in idle:
             self._give_back(pooled)
 
     async def close(self) -> None:
