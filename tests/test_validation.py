@@ -31,6 +31,7 @@ BAD_LOCK_ARGUMENTS = [
     pytest.param(42, NOW, TypeError, "job_name", id="int-name"),
     pytest.param(None, NOW, TypeError, "job_name", id="none-name"),
     pytest.param(b"job", NOW, TypeError, "job_name", id="bytes-name"),
+    pytest.param("job-\udc80", NOW, ValueError, "job_name", id="lone-surrogate-name"),
     pytest.param("job", datetime(2025, 1, 1, 10, 0), ValueError, "run_time", id="naive"),
     pytest.param("job", "2025-01-01T10:00:00Z", TypeError, "run_time", id="str-run-time"),
     pytest.param("job", 1735725600, TypeError, "run_time", id="int-run-time"),
@@ -188,6 +189,7 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     pytest.param({"worker": "  "}, ValueError, "worker", id="worker-blank"),
     pytest.param({"worker": "w" * 256}, ValueError, "worker", id="worker-256"),
     pytest.param({"worker": 7}, TypeError, "worker", id="worker-int"),
+    pytest.param({"worker": "w\ud800"}, ValueError, "worker", id="worker-lone-surrogate"),
     # table_name
     pytest.param({"table_name": "bad-name"}, ValueError, "table_name", id="table-dash"),
     pytest.param({"table_name": "1abc"}, ValueError, "table_name", id="table-digit"),

@@ -42,13 +42,23 @@ def require_timedelta(name: str, value: object) -> timedelta:
 
 
 def check_name(name: str, value: object) -> str:
-    """A job name, worker name or identifier: a string of 1 to 255 characters, not blank."""
+    """A job name, worker name or identifier: a string of 1 to 255 characters, not
+    blank, that UTF-8 can encode."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{name} must not be empty or blank, got {value!r}")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"{name} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # A lone surrogate (from a bad decode, say): no database can store it.
+            raise ValueError(
+                f"{name} must be text that UTF-8 can encode, got {value!r} "
+                f"({error.reason} at index {error.start})"
+            ) from None
     return value
 
 
