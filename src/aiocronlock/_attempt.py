@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ._deadline import Deadlines
 
 _T = TypeVar("_T")
+#: What drivers wait on, nearly always: checked before asyncio.isfuture's getattrs.
+_Future = asyncio.Future
 
 
 class Attempt(Generic[_T]):
@@ -169,7 +171,7 @@ class Attempt(Generic[_T]):
                     except BaseException as error:
                         thrown = error
                     waiting = None
-                elif asyncio.isfuture(yielded):
+                elif yielded.__class__ is _Future or asyncio.isfuture(yielded):
                     waiting = yielded
                 else:
                     # Not a future: the task says what is wrong with it, to coro.
@@ -189,7 +191,7 @@ class Attempt(Generic[_T]):
     def _end(self) -> None:
         self._over = True
         if self._started:
-            self._deadlines.untrack(self)
+            self._deadlines._running.discard(self)  # untrack(), one call fewer
 
     def _detach(self, waiting: asyncio.Future[Any] | None) -> None:
         """The caller was cancelled: run the coroutine on in a task of its own.

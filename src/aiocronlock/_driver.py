@@ -38,7 +38,7 @@ import contextlib
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sqlalchemy import Insert
@@ -193,11 +193,12 @@ class DriverAcquire:
             return self._acquire.arguments((job_name.encode(), identifier.encode(), worker))
         return self._acquire.arguments((job_name, identifier, worker))
 
-    async def __call__(self, job_name: str, identifier: str, worker: str) -> int | None:
-        """Send the INSERT; the new row's id, or ``None`` when the tick was taken."""
-        arguments = self._arguments(job_name, identifier, worker)
-        row_id = await self._send(self.sql, arguments, rows=False)
-        return None if row_id is None else int(row_id)
+    def __call__(
+        self, job_name: str, identifier: str, worker: str
+    ) -> Coroutine[Any, Any, int | None]:
+        """Send the INSERT: the coroutine of it, whose result is the new row's id (an int
+        from every driver), or ``None`` when the tick was taken."""
+        return self._send(self.sql, self._arguments(job_name, identifier, worker), rows=False)
 
     @property
     def decides_many(self) -> bool:

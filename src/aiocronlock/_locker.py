@@ -381,6 +381,12 @@ class AsyncDBLocker:
                     EventKind.SKIPPED, job_name, identifier, run_time=run_time, reason="stale"
                 )
             return None
+        driver_acquire = self._driver_acquire
+        if lease_for is None and driver_acquire is not None and driver_acquire.runs_inline:
+            # Every lock() of a URL-built locker: _acquire's first branch, one coroutine
+            # fewer.
+            row_id = await self._acquire_driver(job_name, identifier)
+            return self._decided(job_name, identifier, run_time, row_id)
         return await self._acquire(job_name, identifier, run_time, lease_for)
 
     def _identify(self, job_name: str, run_time: datetime) -> str:
@@ -553,6 +559,18 @@ class AsyncDBLocker:
                     _row_of(attempt), job_name, identifier, exclusive=lease is not None
                 )
                 raise
+        return self._decided(job_name, identifier, run_time, row_id, overlap, lease)
+
+    def _decided(
+        self,
+        job_name: str,
+        identifier: str,
+        run_time: datetime,
+        row_id: int | None,
+        overlap: bool = False,
+        lease: timedelta | None = None,
+    ) -> Lock | None:
+        """The outcome of an acquire: the Lock of a row won, else None; logged and emitted."""
         if row_id is None:
             if overlap:
                 logger.debug("%r %s skipped: another run holds the lease", job_name, identifier)
