@@ -98,6 +98,7 @@ BAD_STRATEGIES = [
     pytest.param(_returning(b"tick"), TypeError, id="bytes"),
     pytest.param(_returning("x" * 256), ValueError, id="256-chars"),
     pytest.param(_returning("x" * 10_000), ValueError, id="10kB"),
+    pytest.param(_returning("tick-\udc80"), ValueError, id="lone-surrogate"),
 ]
 
 

@@ -91,4 +91,12 @@ def compute_identifier(strategy: IdentifierStrategy, job_name: str, run_time: da
             f"identifier strategy {strategy!r} returned {len(value)} characters for job "
             f"{job_name!r}; identifiers must be at most {MAX_NAME_LENGTH}"
         )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"identifier strategy {strategy!r} returned {value!r} for job {job_name!r}, "
+                f"which UTF-8 cannot encode ({error.reason} at index {error.start})"
+            ) from None
     return value
