@@ -191,7 +191,7 @@ class Attempt(Generic[_T]):
     def _end(self) -> None:
         self._over = True
         if self._started:
-            self._deadlines._running.discard(self)  # untrack(), one call fewer
+            self._deadlines.untrack(self)
 
     def _detach(self, waiting: asyncio.Future[Any] | None) -> None:
         """The caller was cancelled: run the coroutine on in a task of its own.

@@ -248,11 +248,11 @@ class DriverAcquire:
         if kept is None:
             pooled = await self._checkout()
             connection = pooled.driver_connection
-            assert connection is not None
         else:
             pooled, connection = kept
         self._users += 1
         try:
+            assert connection is not None
             result: Any
             if self._driver == "asyncpg":
                 if rows:
