@@ -202,6 +202,8 @@ def test_a_failing_recorder_is_logged_and_subscribers_still_hear(
 
     stop = events.record_with(broken)
     assert events  # a recorder alone is listening
+    with pytest.raises(RuntimeError, match="recorder already"):
+        events.record_with(broken)
     heard: list[LockEvent] = []
     events.subscribe(heard.append)
     events.emit(EventKind.LOST_RACE, "w", "report", "2026-01-01T00:00:00", {"run_time": None})

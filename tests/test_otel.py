@@ -8,6 +8,8 @@ Afterwards the exporter is shut down, so tests that run later record no spans.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from aiocronlock import EventKind, LockEvent
+from aiocronlock import EventKind, LeaseLostError, LockEvent
 from aiocronlock.testing import memory_locker
 
 
@@ -191,3 +193,38 @@ async def test_a_skip_is_counted_with_its_reason_and_pruned_rows_are_counted(
     assert telemetry.ticks_of(job) == {"skipped": 1}
     assert telemetry.ticks_of(job, by="aiocronlock.reason") == {"stale": 1}
     assert telemetry.cleaned_by(worker) == 1
+
+
+def _block_event_loop(seconds: float) -> None:
+    """Hold the event loop, as blocking code in a job would."""
+    time.sleep(seconds)
+
+
+async def test_an_overlap_is_a_skip_with_its_reason(telemetry: Telemetry) -> None:
+    job = _job()
+    async with memory_locker(worker="w-1") as locker:
+        held = await locker.lock(job, _tick(0), exclusive=True, lease=60)
+        assert held is not None
+        assert await locker.lock(job, _tick(1), exclusive=True, lease=60) is None
+        await held.unlock()
+
+    assert telemetry.ticks_of(job) == {"acquired": 1, "skipped": 1, "finished": 1}
+    assert telemetry.ticks_of(job, by="aiocronlock.reason") == {"None": 2, "overlap": 1}
+
+
+async def test_a_lost_lease_ends_the_span_in_error(telemetry: Telemetry) -> None:
+    job = _job()
+    async with memory_locker(worker="w-1") as locker:
+        lock = await locker.lock(job, _tick(0), exclusive=True, lease=0.5)
+        assert lock is not None
+        with pytest.raises(LeaseLostError):
+            async with lock:
+                _block_event_loop(1.0)  # past the lease
+                await asyncio.sleep(10)
+
+    (span,) = telemetry.runs_of(job)
+    assert span.status.status_code == StatusCode.ERROR
+    assert (span.attributes or {})["aiocronlock.outcome"] == "lease_lost"
+    assert telemetry.ticks_of(job) == {"acquired": 1, "lease_lost": 1}
+    reasons = telemetry.ticks_of(job, by="aiocronlock.reason")
+    assert reasons["None"] == 1 and len(reasons) == 2  # lease_lost carries why

@@ -74,7 +74,10 @@ class Events:
         return unsubscribe
 
     def record_with(self, recorder: Recorder) -> Callable[[], None]:
-        """Hand every event's fields to ``recorder`` (one at a time); returns the undo."""
+        """Hand every event's fields to ``recorder``; returns the undo. There is one
+        recorder, the locker's telemetry: callbacks of users subscribe()."""
+        if self._recorder is not None:
+            raise RuntimeError("these events have a recorder already")
         self._recorder = recorder
 
         def stop() -> None:

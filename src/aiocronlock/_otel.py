@@ -39,12 +39,12 @@ def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
     cleaned = meter.create_counter(
         "aiocronlock.cleaned_rows", unit="{row}", description="Rows pruned by this instance"
     )
-    worker = locker.worker
     spans: dict[int, Any] = {}
 
     def record(
         kind: EventKind, job_name: str | None, identifier: str | None, details: dict[str, Any]
     ) -> None:
+        worker = locker.worker
         if kind is EventKind.CLEANED:
             cleaned.add(details.get("rows") or 0, {"aiocronlock.worker": worker})
             return
