@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sqlite3
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aiocronlock import AsyncDBLocker, BackendError, _driver
-from conftest import Backend, fetch_rows
+from conftest import Backend, fetch_rows, server_url
 
 
 @pytest.fixture
@@ -40,9 +42,10 @@ def _kept(locker: AsyncDBLocker) -> list[Any]:
     return [pooled for pooled, _, _ in locker._driver_acquire._idle]
 
 
-async def _questions(driver: Any) -> int:
+async def _session_status(driver: Any, name: str = "Questions") -> int:
+    """A MySQL/MariaDB session counter of an asyncmy connection."""
     async with driver.cursor() as cursor:
-        await cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        await cursor.execute(f"SHOW SESSION STATUS LIKE '{name}'")
         return int((await cursor.fetchone())[1])
 
 
@@ -58,14 +61,14 @@ async def _statements_sent(locker: AsyncDBLocker, backend: Backend, calls: int) 
     elif backend.name == "sqlite":
         await driver.set_trace_callback(sent.append)
     else:
-        before = await _questions(driver)
+        before = await _session_status(driver)
     for _ in range(calls):
         await locker.lock("job", tick)  # the first wins, the others lose
     await asyncio.sleep(0)  # asyncpg hands a query to its loggers one turn later
     assert _kept(locker) == [pooled], "sequential calls reuse the one kept connection"
     if backend.name == "mysql":
         # Questions counts the SHOW itself too.
-        return ["INSERT"] * (await _questions(driver) - before - 1)
+        return ["INSERT"] * (await _session_status(driver) - before - 1)
     return sent
 
 
@@ -387,3 +390,28 @@ def test_an_acquire_runs_in_its_own_task_where_the_driver_would_cancel_it(
             locker = AsyncDBLocker(url, clean_interval=None)  # connects to nothing yet
             assert locker._driver_acquire is not None
             assert locker._driver_acquire.runs_inline is expected[index], (version, url)
+
+
+@pytest.mark.parametrize("query", [{}, {"stmt_cache_size": "0"}], ids=["default", "url-says-none"])
+async def test_mysql_acquires_are_prepared_statements_unless_the_url_says_not(
+    query: dict[str, str],
+) -> None:
+    url = make_url(server_url("mysql")).update_query_dict(query)
+    locker = AsyncDBLocker(url, worker="w", table_name=f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        await locker.create_table()
+        tick = datetime.now(UTC).replace(microsecond=0)
+        assert await locker.lock("warm-up", tick) is not None  # prepares, where it does
+        [pooled] = _kept(locker)
+        driver: Any = pooled.driver_connection
+        before = await _session_status(driver, "Com_stmt_execute")
+        won = await locker.lock("job", tick)
+        assert won is not None
+        assert await locker.lock("job", tick) is None
+        executed = await _session_status(driver, "Com_stmt_execute") - before
+        assert executed == (0 if query else 2)
+        assert [row.job_name for row in await locker.history("job")] == ["job"]
+    finally:
+        async with locker.engine.begin() as conn:
+            await conn.run_sync(lambda sync: locker.table.drop(sync, checkfirst=True))
+        await locker.aclose()
