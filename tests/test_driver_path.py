@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import MetaData, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aiocronlock import AsyncDBLocker, BackendError, _driver
+from aiocronlock import AsyncDBLocker, BackendError, _driver, lock_table
 from conftest import Backend, fetch_rows, server_url
 
 
@@ -392,10 +392,19 @@ def test_an_acquire_runs_in_its_own_task_where_the_driver_would_cancel_it(
             assert locker._driver_acquire.runs_inline is expected[index], (version, url)
 
 
+async def _server_prepares(locker: AsyncDBLocker) -> int:
+    """Statements prepared on the server so far, by any session."""
+    async with locker.engine.connect() as conn:
+        row: Any = (await conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Com_stmt_prepare'")).one()
+        return int(row[1])
+
+
 @pytest.mark.parametrize("query", [{}, {"stmt_cache_size": "0"}], ids=["default", "url-says-none"])
-async def test_mysql_acquires_are_prepared_statements_unless_the_url_says_not(
+async def test_mysql_acquires_are_one_prepared_statement_unless_the_url_says_not(
     query: dict[str, str],
 ) -> None:
+    # The acquire alone is prepared, once per connection: the other statements (an
+    # exclusive lock's, unlock's, history()'s) go as text, as asyncmy sends them.
     url = make_url(server_url("mysql")).update_query_dict(query)
     locker = AsyncDBLocker(url, worker="w", table_name=f"t_{uuid.uuid4().hex[:12]}")
     try:
@@ -404,14 +413,24 @@ async def test_mysql_acquires_are_prepared_statements_unless_the_url_says_not(
         assert await locker.lock("warm-up", tick) is not None  # prepares, where it does
         [pooled] = _kept(locker)
         driver: Any = pooled.driver_connection
+        prepares = await _session_status(driver, "Com_stmt_prepare")
         before = await _session_status(driver, "Com_stmt_execute")
         won = await locker.lock("job", tick)
         assert won is not None
         assert await locker.lock("job", tick) is None
+        await won.unlock()
         executed = await _session_status(driver, "Com_stmt_execute") - before
         assert executed == (0 if query else 2)
-        assert [row.job_name for row in await locker.history("job")] == ["job"]
+        assert await _session_status(driver, "Com_stmt_prepare") == prepares
+        global_prepares = await _server_prepares(locker)
+        exclusive = await locker.lock("other", tick, exclusive=True)
+        assert exclusive is not None
+        await exclusive.unlock()
+        assert [row.status for row in await locker.history("job")] == ["FINISHED"]
+        assert await _server_prepares(locker) == global_prepares
     finally:
+        tables = MetaData()
+        lock_table(tables, name=locker.table.name)  # and its leases table
         async with locker.engine.begin() as conn:
-            await conn.run_sync(lambda sync: locker.table.drop(sync, checkfirst=True))
+            await conn.run_sync(lambda sync: tables.drop_all(sync, checkfirst=True))
         await locker.aclose()

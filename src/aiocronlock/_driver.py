@@ -24,6 +24,11 @@ are handed to the thread at a time, the rest wait their turn here: a request han
 over runs even if its caller gives up (its deadline passes), and one that never was
 leaves no row behind.
 
+On MySQL/MariaDB the acquire is a server-side prepared statement, prepared on each
+connection's first acquire and kept with the connection: the server does not parse
+it on every tick. Only that one statement per connection, since the server counts
+every connection's statements against one limit (``max_prepared_stmt_count``).
+
 lock_many() takes the same path with one multi-row INSERT per chunk of jobs,
 compiled once per chunk size, where the backend can return the rows it inserted.
 
@@ -89,6 +94,18 @@ class _Compiled:
         return arguments
 
 
+#: Where a connection keeps its prepared acquire, with the driver connection it was
+#: prepared on and its SQL: SQLAlchemy's ``info`` of a pooled connection lasts as long as the
+#: connection, across checkouts, and is emptied when it is replaced.
+_PREPARED = "aiocronlock prepared acquire"
+
+
+def _qmark(sql: str) -> str:
+    """A statement compiled for asyncmy's ``%s`` placeholders, with ``?`` ones instead
+    (what a server-side prepared statement takes); ``%%`` is a literal ``%``."""
+    return "%".join(part.replace("%s", "?") for part in sql.split("%%"))
+
+
 def _single_input(name: str) -> int:
     return _INPUTS.index(name) if name in _INPUTS else -1
 
@@ -118,6 +135,7 @@ class DriverAcquire:
         "_keep",
         "_many",
         "_opening",
+        "_prepares",
         "_returning",
         "_rows_statement",
         "_users",
@@ -142,6 +160,10 @@ class DriverAcquire:
         self._many: OrderedDict[int, _Compiled] = OrderedDict()
         # Job names and identifiers are stored as UTF-8 bytes on MySQL (see ExactText).
         self._encode = driver == "asyncmy"
+        #: On MySQL/MariaDB the acquire runs as a server-side prepared statement, made
+        #: once per connection (see _send), unless the URL sets asyncmy's own
+        #: statement cache to 0.
+        self._prepares = driver == "asyncmy" and engine.url.query.get("stmt_cache_size") != "0"
         # Connections kept checked out between calls, each with its driver connection
         # (a property two objects deep) and when it was last used.
         self._idle: list[tuple[PoolProxiedConnection, Any, float]] = []
@@ -260,15 +282,27 @@ class DriverAcquire:
                 else:
                     result = await connection.fetchval(sql, *arguments)
             elif self._driver == "asyncmy":
-                async with connection.cursor() as cursor:
-                    if rows:
-                        # INSERT IGNORE: each taken tick is a warning (see _sql).
-                        with mysql_duplicates_quiet():
+                if not rows and self._prepares:  # the acquire
+                    # Prepared on this connection's first acquire (one more round
+                    # trip, once): then the server does not parse it on every tick,
+                    # and the driver escapes nothing.
+                    prepared = pooled.info.get(_PREPARED)
+                    if prepared is None or prepared[0] is not connection or prepared[1] != sql:
+                        if prepared is not None and prepared[0] is connection:
+                            await prepared[2].close()
+                        prepared = (connection, sql, await connection.prepare(_qmark(sql)))
+                        pooled.info[_PREPARED] = prepared
+                    result = (await prepared[2].execute(arguments)).insert_id or None
+                else:
+                    async with connection.cursor() as cursor:
+                        if rows:
+                            # INSERT IGNORE: each taken tick is a warning (see _sql).
+                            with mysql_duplicates_quiet():
+                                await cursor.execute(sql, arguments)
+                            result = await cursor.fetchall()
+                        else:
                             await cursor.execute(sql, arguments)
-                        result = await cursor.fetchall()
-                    else:
-                        await cursor.execute(sql, arguments)
-                        result = cursor.lastrowid or None
+                            result = cursor.lastrowid or None
             else:
                 # One hop to aiosqlite's thread: execute and fetch together.
                 async with self._window:

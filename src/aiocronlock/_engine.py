@@ -24,15 +24,6 @@ _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiosqlite": "sqlite"}
 #: How long SQLite waits for another process's write before reporting "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
-#: Prepared statements asyncmy keeps per connection of a locker's own MySQL/MariaDB
-#: engine (its ``stmt_cache_size``), the least recently used closed first. The
-#: acquire INSERT, sent on every tick, stays prepared: the server skips parsing it,
-#: and the driver escapes nothing. Few, since the server counts every connection's
-#: statements against one limit (``max_prepared_stmt_count``); past it, or for a
-#: statement the server cannot prepare, asyncmy sends plain text. A URL's own
-#: ``?stmt_cache_size=N`` wins (``0``: none).
-MYSQL_STATEMENTS_KEPT = 4
-
 
 def parse_url(url: str | URL) -> URL:
     """Parse a database URL, filling in the asyncio driver when none is named.
@@ -90,10 +81,6 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
         options["pool_recycle"] = 3600  # stay under the server's wait_timeout
         if "charset" not in url.query:
             url = url.update_query_dict({"charset": "utf8mb4"})
-        if url.get_driver_name() == "asyncmy" and "stmt_cache_size" not in url.query:
-            # Statements with parameters run as server-side prepared statements, the
-            # server parsing each once per connection (see MYSQL_STATEMENTS_KEPT).
-            options["connect_args"] = {"stmt_cache_size": MYSQL_STATEMENTS_KEPT}
     elif backend == "sqlite":
         options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     not_async = ValueError(
