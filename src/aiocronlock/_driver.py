@@ -95,8 +95,8 @@ class _Compiled:
 
 
 #: Where a connection keeps its prepared acquire, with the driver connection it was
-#: prepared on and its SQL: SQLAlchemy's ``info`` of a pooled connection lasts as long as the
-#: connection, across checkouts, and is emptied when it is replaced.
+#: prepared on and its SQL: SQLAlchemy's ``info`` of a pooled connection lasts as
+#: long as the connection, across checkouts, and is emptied when it is replaced.
 _PREPARED = "aiocronlock prepared acquire"
 
 
