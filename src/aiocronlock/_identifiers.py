@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from ._validation import MAX_NAME_LENGTH, require_timedelta
+from ._validation import MAX_NAME_LENGTH, require_timedelta, unencodable
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAIVE_EPOCH = datetime(1970, 1, 1)
@@ -91,12 +91,9 @@ def compute_identifier(strategy: IdentifierStrategy, job_name: str, run_time: da
             f"identifier strategy {strategy!r} returned {len(value)} characters for job "
             f"{job_name!r}; identifiers must be at most {MAX_NAME_LENGTH}"
         )
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(
-                f"identifier strategy {strategy!r} returned {value!r} for job {job_name!r}, "
-                f"which UTF-8 cannot encode ({error.reason} at index {error.start})"
-            ) from None
+    if not value.isascii() and (problem := unencodable(value)):
+        raise ValueError(
+            f"identifier strategy {strategy!r} returned {value!r} for job {job_name!r}, "
+            f"which UTF-8 cannot encode ({problem})"
+        )
     return value

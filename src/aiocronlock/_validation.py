@@ -50,16 +50,20 @@ def check_name(name: str, value: object) -> str:
         raise ValueError(f"{name} must not be empty or blank, got {value!r}")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"{name} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            # A lone surrogate (from a bad decode, say): no database can store it.
-            raise ValueError(
-                f"{name} must be text that UTF-8 can encode, got {value!r} "
-                f"({error.reason} at index {error.start})"
-            ) from None
+    if not value.isascii() and (problem := unencodable(value)):
+        raise ValueError(f"{name} must be text that UTF-8 can encode, got {value!r} ({problem})")
     return value
+
+
+def unencodable(value: str) -> str | None:
+    """Why UTF-8 cannot encode ``value``, or None if it can. Only a lone surrogate
+    (from a bad decode, say) makes it fail, and no database can store one. Callers
+    on the hot path ask only for text that is not ASCII."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"{error.reason} at index {error.start}"
+    return None
 
 
 def check_sql_identifier(name: str, value: object) -> str:
