@@ -221,6 +221,15 @@ async def _await(attempt: Attempt[Any]) -> Any:
     return await attempt
 
 
+async def _waits_for_ever(ended: list[str]) -> None:
+    """Work that waits on a future nobody sets, and notes "work" in ``ended`` when it
+    ends, closed or cancelled."""
+    try:
+        await _future()
+    finally:
+        ended.append("work")
+
+
 async def _cancel_caller(attempt: Attempt[Any]) -> asyncio.Task[Any]:
     """Await ``attempt`` in a task, cancel that task while the work waits; the task
     that runs the work on."""
@@ -270,14 +279,8 @@ async def test_closing_the_caller_closes_the_work_and_its_deadline() -> None:
     deadlines = Deadlines(10.0)
     ended: list[str] = []
 
-    async def work() -> None:
-        try:
-            await _future()
-        finally:
-            ended.append("work")
-
     async def caller() -> None:
-        await Attempt(work(), deadlines)
+        await Attempt(_waits_for_ever(ended), deadlines)
 
     waiting = caller()
     waiting.send(None)  # runs to the work's first wait, as a task's first step would
@@ -305,14 +308,7 @@ async def test_detached_work_cancelled_before_it_ran_is_closed() -> None:
     and its deadline stops."""
     deadlines = Deadlines(0.05)
     ended: list[str] = []
-
-    async def work() -> None:
-        try:
-            await _future()
-        finally:
-            ended.append("work")
-
-    attempt = Attempt(work(), deadlines)
+    attempt = Attempt(_waits_for_ever(ended), deadlines)
 
     async def caller() -> None:
         try:
