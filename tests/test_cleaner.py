@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import aiocronlock._locker
 from aiocronlock import AsyncDBLocker, lock_table
-from aiocronlock._locker import CLEAN_STATEMENT_S, _next_batch
+from aiocronlock._locker import CLEAN_BUSY_SHARE, CLEAN_STATEMENT_S, _next_batch, _rest_after
 from conftest import Backend, LockerFactory, StatementCounter, fetch_rows, watch_log
 
 CLEANER_JOB = "aiocronlock.cleaner"
@@ -429,3 +429,12 @@ def test_batches_shrink_while_deletes_are_slow_and_grow_back_to_the_maximum() ->
     assert _next_batch(1500, fast, 2000) == 2000  # never above clean_batch_size
     assert _next_batch(3, fast, 3) == 3
     assert _next_batch(700, fine, 2000) == 700
+
+
+def test_the_cleaner_rests_so_that_its_deletes_keep_only_their_share_of_the_time() -> None:
+    for took in (0.001, 0.02, CLEAN_STATEMENT_S):
+        rest = _rest_after(took)
+        assert took / (took + rest) == pytest.approx(CLEAN_BUSY_SHARE)
+    assert CLEAN_BUSY_SHARE <= 0.05
+    # Never more than a second, so that a prune does not outlast its interval.
+    assert _rest_after(10 * CLEAN_STATEMENT_S) == 1.0

@@ -58,8 +58,11 @@ CLEAN_STATEMENT_S = 0.05
 #: The share of the time a prune keeps the database busy: after a DELETE that took
 #: ``d`` seconds the cleaner rests ``d * (1 - share) / share`` (at most a second, so a
 #: prune does not outlast its interval), leaving the rest to the INSERTs that decide
-#: ticks.
-CLEAN_BUSY_SHARE = 0.1
+#: ticks. The work a DELETE leaves behind (InnoDB's purge and page flushing) competes
+#: with those too: pruning a million rows on MariaDB at a tenth of the time, ``lock()``
+#: p99 was 1.9-2.5x idle and the server paused now and then; at a twentieth, 1.2-1.3x
+#: and no pause (see benchmarks/README.md).
+CLEAN_BUSY_SHARE = 0.05
 #: The fewest rows a pruning DELETE removes, however slow the database.
 _MIN_CLEAN_BATCH = 50
 
@@ -100,6 +103,11 @@ async def _row_of(attempt: asyncio.Task[tuple[tuple[int | None, bool]] | None]) 
     went to the caller)."""
     decided = await attempt
     return None if decided is None else decided[0][0]
+
+
+def _rest_after(took: float) -> float:
+    """The seconds the cleaner rests after a DELETE batch that took ``took`` seconds."""
+    return min(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE, 1.0)
 
 
 def _next_batch(batch: int, took: float, most: int) -> int:
@@ -795,7 +803,7 @@ class AsyncDBLocker:
             total += deleted
             if deleted < batch:
                 break
-            await asyncio.sleep(min(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE, 1.0))
+            await asyncio.sleep(_rest_after(took))
             batch = _next_batch(batch, took, self.clean_batch_size)
         if total:
             logger.info("pruned %d rows older than %s from %s", total, self.ttl, self.table.name)
