@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_backend(backend, config, only, sections, chart)
             finally:
                 asyncio.run(drop_tables(backend, table, f"{table}_prune"))
+                asyncio.run(prune.drop_probe_table(backend, f"{table}_prune"))
         if "import" in only:
             section = import_time.run(repeats=config.import_repeats)
             emit(section, sections)

@@ -14,19 +14,21 @@ Measured: ``lock()`` latency on fresh ticks with the table idle, then the same
 while ``clean()`` empties it on the same locker and event loop (as the background
 cleaner would); the time ``clean()`` takes; and every DELETE statement's duration,
 from SQLAlchemy's ``before_cursor_execute``/``after_cursor_execute`` events on the
-locker's engine. On PostgreSQL and MariaDB a probe commits on a table of its own every
-20 ms meanwhile (``PauseProbe``): the part of a DELETE during which that commit was held
-up too was a pause of the whole server, and the statement target counts the rest.
+locker's engine. On PostgreSQL and MariaDB a probe commits into a table of its own
+every 20 ms meanwhile (``CommitProbe``), and each DELETE's time is also reported less
+its overlap with one of those commits: how much of it every commit on the server
+waited too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -39,7 +41,8 @@ from ._stats import Latency, Ratio, Section, ms, ratio, times
 
 #: The issue's targets: lock() p99 during pruning at most this multiple of its idle p99,
 P99_TARGET = 2.0
-#: and no single DELETE statement longer than this.
+#: and no single pruning statement (a DELETE, or on SQLite a WAL checkpoint) longer
+#: than this.
 DELETE_TARGET_MS = 100.0
 TTL = timedelta(days=1)
 
@@ -228,43 +231,91 @@ class StatementTimer:
         event.remove(self._engine, "after_cursor_execute", self._after)
 
 
-class PauseProbe:
-    """A commit every ``INTERVAL_S`` on a table of its own, through the raw driver, while
-    ``lock()`` is measured: a statement the DELETEs cannot hold up by their locks.
+_PROBE_DDL = {
+    "postgresql": "CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, x INT)",
+    "mysql": "CREATE TABLE IF NOT EXISTS {} (id BIGINT AUTO_INCREMENT PRIMARY KEY, x INT)",
+}
+_PROBE_INSERT = {
+    "postgresql": "INSERT INTO {} (x) VALUES ($1) RETURNING id",
+    "mysql": "INSERT INTO {} (x) VALUES (%s)",
+}
 
-    When one of its commits is held up during a DELETE, the whole server paused, and
-    the DELETE was held up for as long whatever its batch size (see ``beyond_pauses``).
-    On MariaDB here such pauses stall commits, not a ``SELECT 1``: writes waiting on the
-    disk behind InnoDB's page flushing. The probe runs in the idle phase too, so that
-    both phases carry its load. Not on SQLite, where every write takes the one
-    database-wide lock, the DELETE's included.
+
+def probe_table(table: str) -> str:
+    """The table of the commit probe of the pruning table ``table``."""
+    return f"{table}_probe"
+
+
+async def _execute(backend: Backend, sql: str) -> None:
+    engine = backend.engine(isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql(sql)
+    finally:
+        await engine.dispose()
+
+
+async def drop_probe_table(backend: Backend, table: str) -> None:
+    """Drop the probe's table of the pruning table ``table``, if a run left it."""
+    if backend.name in _PROBE_DDL:
+        await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
+
+
+class CommitProbe:
+    """A one-row commit every ``INTERVAL_S`` into a table of its own, through the raw
+    driver, while ``lock()`` is measured, in both phases so that both carry its load.
+
+    No lock a DELETE takes can hold it up. When one of its commits stalls while a
+    DELETE runs, every commit on the server was held up: on MariaDB here, commits
+    (never a ``SELECT 1``) wait on the disk now and then while InnoDB flushes the pages
+    a large prune dirtied. That is the prune's doing too, but not its batch size's; the
+    report shows each DELETE's time less its overlap with such a commit beside the
+    time itself (see ``less_overlap``). Not on SQLite, where every write takes the
+    one database-wide lock, the DELETE's included.
     """
 
+    #: Seconds between two commits: a stall shows in the probe at most this late.
     INTERVAL_S = 0.02
+    #: The longest the probe's last commit may take to end when it is stopped.
+    STOP_TIMEOUT_S = 30.0
 
     def __init__(self, backend: Backend, table: str) -> None:
         self.spans: list[Span] = []
-        self.table = table
+        self.table = probe_table(table)
         self._backend = backend
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._created = False
 
     @staticmethod
     def applies(backend: Backend) -> bool:
         return backend.name in _PROBE_DDL
 
-    async def start(self) -> None:
-        await self._execute(_PROBE_DDL[self._backend.name].format(self.table))
-        raw = await open_raw(self._backend)
-        self._task = asyncio.create_task(self._commits(raw))
-
-    async def _execute(self, sql: str) -> None:
-        engine = self._backend.engine(isolation_level="AUTOCOMMIT")
+    async def __aenter__(self) -> Self:
+        await _execute(self._backend, _PROBE_DDL[self._backend.name].format(self.table))
+        self._created = True
         try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql(sql)
+            raw = await open_raw(self._backend)
+        except BaseException:
+            await self._drop()
+            raise
+        self._task = asyncio.create_task(self._commits(raw))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop committing (an error of the probe's is raised here), drop the table."""
+        self._stop.set()
+        try:
+            if self._task is not None:
+                async with asyncio.timeout(self.STOP_TIMEOUT_S):
+                    await self._task
         finally:
-            await engine.dispose()
+            await self._drop()
+
+    async def _drop(self) -> None:
+        if self._created:
+            await _execute(self._backend, f"DROP TABLE IF EXISTS {self.table}")
+            self._created = False
 
     async def _commits(self, raw: RawClient) -> None:
         sql = _PROBE_INSERT[self._backend.name].format(self.table)
@@ -277,46 +328,35 @@ class PauseProbe:
         finally:
             await raw.aclose()
 
-    async def stop(self) -> None:
-        """Stop committing, and drop the table."""
-        self._stop.set()
-        try:
-            if self._task is not None:
-                await self._task
-        finally:
-            await self._execute(f"DROP TABLE IF EXISTS {self.table}")
-
     def during(self, first: int, last: int) -> list[int]:
         """Durations of the probe's commits that began in ``[first, last]``."""
         return [end - start for start, end in self.spans if first <= start <= last]
 
 
-_PROBE_DDL = {
-    "postgresql": "CREATE TABLE IF NOT EXISTS {} (id BIGSERIAL PRIMARY KEY, x INT)",
-    "mysql": "CREATE TABLE IF NOT EXISTS {} (id BIGINT AUTO_INCREMENT PRIMARY KEY, x INT)",
-}
-_PROBE_INSERT = {
-    "postgresql": "INSERT INTO {} (x) VALUES ($1) RETURNING id",
-    "mysql": "INSERT INTO {} (x) VALUES (%s)",
-}
+def overlaps(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
+    """For each statement, its longest overlap with one probe commit.
 
-
-def beyond_pauses(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
-    """How long each statement took beyond a pause of the whole server in it: its
-    duration less its longest overlap with one probe commit (``probes`` in order of
-    start, not overlapping one another, as one connection sends them)."""
+    ``probes`` come in order of start and do not overlap one another, as one
+    connection sends them one after the other.
+    """
     starts = [start for start, _ in probes]
-    beyond = []
+    longest = []
     for start, end in statements:
-        paused = 0
+        overlap = 0
         # The probe commit in flight when the statement began, and every later one
         # that began before it ended.
         i = max(0, bisect.bisect_right(starts, start) - 1)
         while i < len(probes) and probes[i][0] < end:
-            paused = max(paused, min(end, probes[i][1]) - max(start, probes[i][0]))
+            overlap = max(overlap, min(end, probes[i][1]) - max(start, probes[i][0]))
             i += 1
-        beyond.append(end - start - paused)
-    return beyond
+        longest.append(overlap)
+    return longest
+
+
+def less_overlap(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
+    """Each statement's duration less its longest overlap with one probe commit."""
+    longest = overlaps(statements, probes)
+    return [end - start - o for (start, end), o in zip(statements, longest, strict=True)]
 
 
 async def _probe(locker: AsyncDBLocker, prefix: str, run_time: datetime, out: list[int]) -> None:
@@ -337,12 +377,13 @@ async def run(
     options = {} if batch_size is None else {"clean_batch_size": batch_size}
     locker = backend.locker(table=table, ttl=TTL, **options)
     timer: StatementTimer | None = None
-    pauses = PauseProbe(backend, f"{table}_pause") if PauseProbe.applies(backend) else None
-    try:
+    commits: CommitProbe | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(locker.aclose)
         await locker.create_table()
         load_s, settle_s, settled_by = await load(backend, table, expired, live)
-        if pauses is not None:  # for both phases, so that they carry the same load
-            await pauses.start()
+        if CommitProbe.applies(backend):
+            commits = await stack.enter_async_context(CommitProbe(backend, table))
         run_time = datetime.now(UTC)
         warm: list[int] = []
         for _ in range(min(50, probes)):
@@ -353,6 +394,7 @@ async def run(
             await _probe(locker, "idle", run_time, idle)
 
         timer = StatementTimer(locker)
+        stack.callback(timer.close)
         busy: list[int] = []
 
         async def timed_clean() -> tuple[int, float]:
@@ -368,23 +410,28 @@ async def run(
         clean_ended = time.perf_counter_ns()
         if deleted != expired:
             raise RuntimeError(f"clean() deleted {deleted} rows, expected the {expired} expired")
-    finally:
-        if timer is not None:
-            timer.close()
-        await locker.aclose()
-        if pauses is not None:
-            await pauses.stop()
 
     idle_lat, busy_lat = Latency.of_ns(idle), Latency.of_ns(busy)
     deletes = Latency.of_ns(timer.deletes_ns)
     checkpoints = Latency.of_ns(timer.checkpoints_ns) if timer.checkpoints_ns else None
     longest = max(deletes.max, checkpoints.max if checkpoints else 0.0)
-    if pauses is None:
-        own, probe = deletes, None
-    else:
-        own = Latency.of_ns(beyond_pauses(timer.delete_spans, pauses.spans))
-        probe = Latency.of_ns(pauses.during(clean_started, clean_ended))
-    longest_own = max(own.max, checkpoints.max if checkpoints else 0.0)
+    probe: Latency | None = None
+    less: Latency | None = None
+    slowest: list[dict[str, float]] = []
+    if commits is not None:
+        probe = Latency.of_ns(commits.during(clean_started, clean_ended))
+        overlap = overlaps(timer.delete_spans, commits.spans)
+        less = Latency.of_ns(less_overlap(timer.delete_spans, commits.spans))
+        # The slowest DELETEs, each with the probe commit's overlap, for the report.
+        ranked = sorted(
+            zip(timer.delete_spans, overlap, strict=True),
+            key=lambda pair: pair[0][1] - pair[0][0],
+            reverse=True,
+        )
+        slowest = [
+            {"delete_ms": (end - start) / 1e6, "probe_overlap_ms": o / 1e6}
+            for (start, end), o in ranked[:5]
+        ]
     p99_ratio = ratio(busy_lat.p99, idle_lat.p99)
     return Section(
         benchmark="prune",
@@ -422,18 +469,18 @@ async def run(
             ],
             *(
                 []
-                if probe is None
+                if probe is None or less is None
                 else [
                     [
-                        "DELETE beyond a server pause in it",
-                        str(own.n),
-                        ms(own.p50),
-                        ms(own.p99),
-                        ms(own.max),
+                        "DELETE less an overlapping probe commit",
+                        str(less.n),
+                        ms(less.p50),
+                        ms(less.p99),
+                        ms(less.max),
                         "-",
                     ],
                     [
-                        "commit on another table during clean()",
+                        "probe commit, another table, during clean()",
                         str(probe.n),
                         ms(probe.p50),
                         ms(probe.p99),
@@ -467,19 +514,18 @@ async def run(
                 backend.name,
                 "longest statement",
                 longest,
-                DELETE_TARGET_MS if probe is None else None,
+                DELETE_TARGET_MS,
                 unit=" ms",
             ),
             *(
                 []
-                if probe is None
+                if less is None
                 else [
                     Ratio(
                         "prune",
                         backend.name,
-                        "longest statement beyond a server pause",
-                        longest_own,
-                        DELETE_TARGET_MS,
+                        "longest DELETE less an overlapping probe commit",
+                        less.max,
                         unit=" ms",
                     )
                 ]
@@ -496,8 +542,9 @@ async def run(
             "lock_idle": idle_lat.as_dict(),
             "lock_during_clean": busy_lat.as_dict(),
             "delete_statements": deletes.as_dict(),
-            "delete_beyond_pauses": own.as_dict() if probe is not None else None,
+            "delete_less_probe_overlap": less.as_dict() if less is not None else None,
             "probe_commits_during_clean": probe.as_dict() if probe is not None else None,
+            "slowest_deletes": slowest,
             "checkpoint_statements": checkpoints.as_dict() if checkpoints else None,
         },
     )
