@@ -435,6 +435,5 @@ def test_the_cleaner_rests_so_that_its_deletes_keep_only_their_share_of_the_time
     for took in (0.001, 0.02, CLEAN_STATEMENT_S):
         rest = _rest_after(took)
         assert took / (took + rest) == pytest.approx(CLEAN_BUSY_SHARE)
-    assert CLEAN_BUSY_SHARE <= 0.05
     # Never more than a second, so that a prune does not outlast its interval.
     assert _rest_after(10 * CLEAN_STATEMENT_S) == 1.0
