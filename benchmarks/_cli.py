@@ -249,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_backend(backend, config, only, sections, chart)
             finally:
-                asyncio.run(drop_tables(backend, table, f"{table}_prune"))
-                asyncio.run(prune.drop_probe_table(backend, f"{table}_prune"))
+                try:
+                    asyncio.run(drop_tables(backend, table, f"{table}_prune"))
+                finally:
+                    asyncio.run(prune.drop_probe_table(backend, f"{table}_prune"))
         if "import" in only:
             section = import_time.run(repeats=config.import_repeats)
             emit(section, sections)

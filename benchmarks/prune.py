@@ -16,8 +16,8 @@ cleaner would); the time ``clean()`` takes; and every DELETE statement's duratio
 from SQLAlchemy's ``before_cursor_execute``/``after_cursor_execute`` events on the
 locker's engine. On PostgreSQL and MariaDB a probe commits into a table of its own
 every 20 ms meanwhile (``CommitProbe``), and each DELETE's time is also reported less
-its overlap with one of those commits: how much of it every commit on the server
-waited too.
+its longest overlap with one of those commits, which no lock of the DELETE's can hold
+up. The statement target counts the DELETE as measured.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import event
@@ -266,17 +267,18 @@ class CommitProbe:
     driver, while ``lock()`` is measured, in both phases so that both carry its load.
 
     No lock a DELETE takes can hold it up. When one of its commits stalls while a
-    DELETE runs, every commit on the server was held up: on MariaDB here, commits
-    (never a ``SELECT 1``) wait on the disk now and then while InnoDB flushes the pages
-    a large prune dirtied. That is the prune's doing too, but not its batch size's; the
-    report shows each DELETE's time less its overlap with such a commit beside the
-    time itself (see ``less_overlap``). Not on SQLite, where every write takes the
-    one database-wide lock, the DELETE's included.
+    DELETE runs, something beyond the DELETE's locks held up commits: the disk, the
+    log every commit must flush (which the prune's writes load too), or this process,
+    which the probe shares with the DELETEs and ``lock()``. The report shows each
+    DELETE's time less its overlap with one probe commit (see ``less_overlap``)
+    beside the time itself. Not on SQLite, where every write takes the one
+    database-wide lock, the DELETE's included.
     """
 
     #: Seconds between two commits: a stall shows in the probe at most this late.
     INTERVAL_S = 0.02
-    #: The longest the probe's last commit may take to end when it is stopped.
+    #: The longest the probe's last commit, closing its connection, or creating or
+    #: dropping its table may take.
     STOP_TIMEOUT_S = 30.0
 
     def __init__(self, backend: Backend, table: str) -> None:
@@ -285,37 +287,44 @@ class CommitProbe:
         self._backend = backend
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._created = False
+        self._cleanup = contextlib.AsyncExitStack()
 
     @staticmethod
     def applies(backend: Backend) -> bool:
         return backend.name in _PROBE_DDL
 
     async def __aenter__(self) -> Self:
-        await _execute(self._backend, _PROBE_DDL[self._backend.name].format(self.table))
-        self._created = True
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._run_sql(_PROBE_DDL[self._backend.name].format(self.table))
+            stack.push_async_callback(self._run_sql, f"DROP TABLE IF EXISTS {self.table}")
             raw = await open_raw(self._backend)
-        except BaseException:
-            await self._drop()
-            raise
-        self._task = asyncio.create_task(self._commits(raw))
+            self._task = asyncio.create_task(self._commits(raw))
+            self._cleanup = stack.pop_all()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop committing (an error of the probe's is raised here), drop the table."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop committing and drop the table. An error of the probe's is raised here,
+        or added as a note to the error that ended the block."""
         self._stop.set()
-        try:
-            if self._task is not None:
+        async with self._cleanup:
+            if self._task is None:
+                return
+            try:
                 async with asyncio.timeout(self.STOP_TIMEOUT_S):
                     await self._task
-        finally:
-            await self._drop()
+            except Exception as error:
+                if exc is None:
+                    raise
+                exc.add_note(f"the commit probe failed too: {error!r}")
 
-    async def _drop(self) -> None:
-        if self._created:
-            await _execute(self._backend, f"DROP TABLE IF EXISTS {self.table}")
-            self._created = False
+    async def _run_sql(self, sql: str) -> None:
+        async with asyncio.timeout(self.STOP_TIMEOUT_S):
+            await _execute(self._backend, sql)
 
     async def _commits(self, raw: RawClient) -> None:
         sql = _PROBE_INSERT[self._backend.name].format(self.table)
@@ -326,7 +335,8 @@ class CommitProbe:
                 self.spans.append((started, time.perf_counter_ns()))
                 await asyncio.sleep(self.INTERVAL_S)
         finally:
-            await raw.aclose()
+            async with asyncio.timeout(self.STOP_TIMEOUT_S):
+                await raw.aclose()
 
     def during(self, first: int, last: int) -> list[int]:
         """Durations of the probe's commits that began in ``[first, last]``."""
@@ -353,10 +363,9 @@ def overlaps(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
     return longest
 
 
-def less_overlap(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
-    """Each statement's duration less its longest overlap with one probe commit."""
-    longest = overlaps(statements, probes)
-    return [end - start - o for (start, end), o in zip(statements, longest, strict=True)]
+def less_overlap(statements: Sequence[Span], overlap: Sequence[int]) -> list[int]:
+    """Each statement's duration less its overlap (from ``overlaps``)."""
+    return [end - start - o for (start, end), o in zip(statements, overlap, strict=True)]
 
 
 async def _probe(locker: AsyncDBLocker, prefix: str, run_time: datetime, out: list[int]) -> None:
@@ -421,7 +430,7 @@ async def run(
     if commits is not None:
         probe = Latency.of_ns(commits.during(clean_started, clean_ended))
         overlap = overlaps(timer.delete_spans, commits.spans)
-        less = Latency.of_ns(less_overlap(timer.delete_spans, commits.spans))
+        less = Latency.of_ns(less_overlap(timer.delete_spans, overlap))
         # The slowest DELETEs, each with the probe commit's overlap, for the report.
         ranked = sorted(
             zip(timer.delete_spans, overlap, strict=True),

@@ -1,21 +1,38 @@
-"""The pruning benchmark's DELETE time less its overlap with a probe commit on another
-table (``benchmarks.prune.less_overlap``): pure arithmetic on spans, no database."""
+"""The pruning benchmark's commit probe: each DELETE's time less its overlap with a
+probe commit on another table (pure arithmetic on spans), and the probe's own table,
+which it drops whatever ends the run."""
 
 from __future__ import annotations
 
-from benchmarks.prune import less_overlap
+import asyncio
+from pathlib import Path
+
+import pytest
+from benchmarks import _backends as bench
+from benchmarks import prune
+from sqlalchemy import inspect
+
+from conftest import server_url
+
+Span = tuple[int, int]
+
+
+def less_overlap(statements: list[Span], probes: list[Span]) -> list[int]:
+    """Each statement's duration less its longest overlap with one probe commit, as
+    the benchmark reports it."""
+    return prune.less_overlap(statements, prune.overlaps(statements, probes))
 
 
 def test_a_statement_no_probe_commit_overlaps_keeps_its_whole_duration() -> None:
     assert less_overlap([(100, 150)], [(10, 20), (200, 210)]) == [50]
 
 
-def test_a_statement_inside_one_stalled_probe_commit_has_nothing_beyond_it() -> None:
+def test_a_statement_inside_one_stalled_probe_commit_has_nothing_left() -> None:
     assert less_overlap([(100, 150)], [(90, 160)]) == [0]
 
 
 def test_only_the_part_of_a_probe_commit_inside_the_statement_counts() -> None:
-    # In flight when the statement began, stalled until 130: 30 of the 50 were a pause.
+    # In flight when the statement began, stalled until 130: it overlapped 30 of the 50.
     assert less_overlap([(100, 150)], [(60, 130)]) == [20]
     # Began during the statement and outlasted it.
     assert less_overlap([(100, 150)], [(140, 400)]) == [40]
@@ -34,3 +51,34 @@ def test_each_statement_is_matched_against_its_own_probe_commits() -> None:
 
 def test_no_probe_commits_leave_the_durations_as_they_are() -> None:
     assert less_overlap([(0, 7), (10, 30)], []) == [7, 20]
+
+
+async def _tables(backend: bench.Backend) -> set[str]:
+    engine = backend.engine()
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names)
+
+
+@pytest.mark.parametrize("backend_name", ["postgresql", "mysql"])
+async def test_the_commit_probe_commits_then_drops_its_table_when_the_run_fails(
+    backend_name: str, tmp_path: Path
+) -> None:
+    backend = bench.make_backend(
+        backend_name, server_url(backend_name), tmp_path, bench.new_table_name()
+    )
+    probe = prune.CommitProbe(backend, backend.table)
+
+    with pytest.raises(RuntimeError, match="the run failed"):
+        async with probe:
+            assert probe.table in await _tables(backend)
+            await asyncio.sleep(10 * prune.CommitProbe.INTERVAL_S)
+            raise RuntimeError("the run failed")
+
+    assert probe.table not in await _tables(backend)
+    # A commit every 20 ms, each well under that here: several in 0.2 s.
+    assert len(probe.spans) >= 2, probe.spans
+    assert all(start < end for start, end in probe.spans)
