@@ -55,14 +55,15 @@ DEFAULT_CLEAN_BATCH_SIZE = 2000
 #: a slow or busy database gets smaller ones. Fewer, larger batches cost the
 #: database less in all than many small ones: each statement has its own commit.
 CLEAN_STATEMENT_S = 0.05
-#: The share of the time a prune keeps the database busy: after a DELETE that took
-#: ``d`` seconds the cleaner rests ``d * (1 - share) / share`` (at most a second, so a
-#: prune does not outlast its interval), leaving the rest to the INSERTs that decide
-#: ticks. After a DELETE over about 53 ms the cap binds, and the share is exceeded
-#: for that batch (the next one is halved). The work a DELETE leaves behind (InnoDB's
+#: The share of the time a prune keeps the database busy: after a batch that took
+#: ``d`` seconds (its DELETE, commit and, on SQLite, checkpoint) the cleaner rests
+#: ``d * (1 - share) / share`` (at most a second, so a prune does not outlast its
+#: interval), leaving the rest to the INSERTs that decide ticks. After a batch over
+#: about 53 ms the cap binds, and the share is exceeded for that batch (the next one
+#: is halved). The work a DELETE leaves behind (InnoDB's
 #: purge and page flushing) competes with ``lock()`` too: pruning a million rows on
 #: MariaDB at a tenth of the time, ``lock()`` p99 was 1.9-2.5x idle in five runs; at a
-#: twentieth, 1.2-1.5x in three (see benchmarks/README.md).
+#: twentieth, 1.2-1.5x in four (see benchmarks/README.md).
 CLEAN_BUSY_SHARE = 0.05
 #: The fewest rows a pruning DELETE removes, however slow the database.
 _MIN_CLEAN_BATCH = 50
@@ -107,7 +108,7 @@ async def _row_of(attempt: asyncio.Task[tuple[tuple[int | None, bool]] | None]) 
 
 
 def _rest_after(took: float) -> float:
-    """The seconds the cleaner rests after a DELETE batch that took ``took`` seconds."""
+    """The seconds the cleaner rests after a pruning batch that took ``took`` seconds."""
     return min(took * (1 - CLEAN_BUSY_SHARE) / CLEAN_BUSY_SHARE, 1.0)
 
 
@@ -764,8 +765,8 @@ class AsyncDBLocker:
         Batches hold at most ``clean_batch_size`` rows, fewer while a DELETE takes
         over ``CLEAN_STATEMENT_S``, and after each the cleaner rests so that it keeps
         the database busy ``CLEAN_BUSY_SHARE`` of the time (resting at most a second,
-        so a DELETE over about 53 ms makes that batch's share larger): a big backlog
-        goes slowly rather than slowing down the ``lock()`` calls of every instance.
+        so a batch over about 53 ms takes a larger share): a big backlog goes slowly
+        rather than slowing down the ``lock()`` calls of every instance.
 
         Ages are measured with the database's clock, so instances whose clocks differ
         prune the same rows.
