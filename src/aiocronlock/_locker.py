@@ -60,10 +60,10 @@ CLEAN_STATEMENT_S = 0.05
 #: ``d * (1 - share) / share`` (at most a second, so a prune does not outlast its
 #: interval), leaving the rest to the INSERTs that decide ticks. After a batch over
 #: about 53 ms the cap binds, and the share is exceeded for that batch (the next one
-#: is halved). The work a DELETE leaves behind (InnoDB's
-#: purge and page flushing) competes with ``lock()`` too: pruning a million rows on
-#: MariaDB at a tenth of the time, ``lock()`` p99 was 1.9-2.5x idle in five runs; at a
-#: twentieth, 1.2-1.5x in four (see benchmarks/README.md).
+#: is halved). The work a DELETE leaves behind (InnoDB's purge and page flushing)
+#: competes with ``lock()`` too: pruning a million rows on MariaDB at a tenth of the
+#: time, ``lock()`` p99 was 1.9-2.5x idle in five runs; at a twentieth, 1.2-1.5x in
+#: four (see benchmarks/README.md).
 CLEAN_BUSY_SHARE = 0.05
 #: The fewest rows a pruning DELETE removes, however slow the database.
 _MIN_CLEAN_BATCH = 50
