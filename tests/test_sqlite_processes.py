@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aiocronlock import precision
+from aiocronlock import _engine, precision
 from conftest import fetch_rows
 
 WORKER_SCRIPT = Path(__file__).with_name("_fault_sqlite_worker.py")
@@ -109,3 +110,53 @@ async def test_processes_share_one_sqlite_file_under_write_load(
     assert {(r["worker"], r["job_identifier"]) for r in rows} == {
         (worker, identifier) for worker, r in results.items() for identifier in r["won"]
     }
+
+
+class _SwitchingFile:
+    """A DB-API connection to a new SQLite file whose switch to WAL is refused
+    ``refusals`` times (as errors or as the old mode), as SQLite does at once, without
+    its busy timeout, while another process has begun writing to it."""
+
+    class dbapi:  # the attribute SQLAlchemy's adapted connections have
+        OperationalError = sqlite3.OperationalError
+
+    def __init__(self, refusals: list[str]) -> None:
+        self.refusals = refusals
+        self.switches = 0
+
+    def cursor(self) -> _SwitchingFile:
+        return self
+
+    def execute(self, sql: str) -> None:
+        assert sql == "PRAGMA journal_mode=WAL"
+        self.switches += 1
+        if self.refusals and self.refusals[0] == "locked":
+            self.refusals.pop(0)
+            raise sqlite3.OperationalError("database is locked")
+
+    def fetchone(self) -> tuple[str]:
+        return (self.refusals.pop(0),) if self.refusals else ("wal",)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refusals", [["locked"], ["delete"], ["locked", "delete", "locked"]])
+def test_a_new_file_refused_wal_at_first_is_switched_on_a_retry(refusals: list[str]) -> None:
+    connection = _SwitchingFile(list(refusals))
+    _engine._sqlite_on_connect(connection, None)
+    assert connection.switches == len(refusals) + 1
+    assert connection.refusals == []
+
+
+def test_a_file_still_locked_after_every_retry_fails_to_connect() -> None:
+    connection = _SwitchingFile(["locked"] * _engine._WAL_ATTEMPTS)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _engine._sqlite_on_connect(connection, None)
+    assert connection.switches == _engine._WAL_ATTEMPTS
+
+
+def test_an_in_memory_database_is_not_switched_again() -> None:
+    connection = _SwitchingFile(["memory"])
+    _engine._sqlite_on_connect(connection, None)
+    assert connection.switches == 1

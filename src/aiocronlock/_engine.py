@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -23,6 +24,13 @@ _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiosqlite": "sqlite"}
 
 #: How long SQLite waits for another process's write before reporting "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30.0
+#: Switching a new SQLite file to WAL: SQLite does not wait out its busy timeout for
+#: this. While another connection writes to a file still in rollback mode, the switch
+#: fails at once ("database is locked") or leaves the mode as it was; four processes
+#: opening a new file together met this in a quarter of the races here, and one retry
+#: 10 ms later always switched. So it is retried, this many times at most.
+_WAL_ATTEMPTS = 10
+_WAL_RETRY_S = 0.01
 
 
 def parse_url(url: str | URL) -> URL:
@@ -117,7 +125,24 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # WAL lets readers and one writer work at once across processes on one file.
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(1, _WAL_ATTEMPTS + 1):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                row = cursor.fetchone()
+            except dbapi_connection.dbapi.OperationalError as error:
+                if "locked" not in str(error) or attempt == _WAL_ATTEMPTS:
+                    raise
+            else:
+                # An in-memory database stays "memory"; after the last attempt, a file
+                # left in rollback mode still works, with readers waiting for writers.
+                mode = str(row[0]).lower() if row else ""
+                if mode in ("wal", "memory") or attempt == _WAL_ATTEMPTS:
+                    return
+            # Only while a new file is switched by several processes at once, and only
+            # about 10 ms when it is: blocking the event loop is simpler than waiting
+            # in the greenlet that runs this hook (a writer of this same process then
+            # cannot finish meanwhile, and the file may stay in rollback mode).
+            time.sleep(_WAL_RETRY_S)
     finally:
         cursor.close()
 
