@@ -206,7 +206,6 @@ class StatementTimer:
     the cleaner runs after them on SQLite, from its cursor events."""
 
     def __init__(self, locker: AsyncDBLocker) -> None:
-        self.deletes_ns: list[int] = []
         self.delete_spans: list[Span] = []
         self.checkpoints_ns: list[int] = []
         self._engine = locker.engine.sync_engine
@@ -221,9 +220,7 @@ class StatementTimer:
         if started is None:
             return
         if "DELETE FROM" in statement.upper():
-            ended = time.perf_counter_ns()
-            self.deletes_ns.append(ended - started)
-            self.delete_spans.append((started, ended))
+            self.delete_spans.append((started, time.perf_counter_ns()))
         elif "WAL_CHECKPOINT" in statement.upper():
             self.checkpoints_ns.append(time.perf_counter_ns() - started)
 
@@ -421,7 +418,7 @@ async def run(
             raise RuntimeError(f"clean() deleted {deleted} rows, expected the {expired} expired")
 
     idle_lat, busy_lat = Latency.of_ns(idle), Latency.of_ns(busy)
-    deletes = Latency.of_ns(timer.deletes_ns)
+    deletes = Latency.of_ns([end - start for start, end in timer.delete_spans])
     checkpoints = Latency.of_ns(timer.checkpoints_ns) if timer.checkpoints_ns else None
     longest = max(deletes.max, checkpoints.max if checkpoints else 0.0)
     probe: Latency | None = None
