@@ -365,6 +365,11 @@ def less_overlap(statements: Sequence[Span], overlap: Sequence[int]) -> list[int
     return [end - start - o for (start, end), o in zip(statements, overlap, strict=True)]
 
 
+def _latency_row(what: str, latency: Latency, ratio_text: str = "-") -> list[str]:
+    """A row of the report's table: how many, p50, p99 and max."""
+    return [what, str(latency.n), ms(latency.p50), ms(latency.p99), ms(latency.max), ratio_text]
+
+
 async def _probe(locker: AsyncDBLocker, prefix: str, run_time: datetime, out: list[int]) -> None:
     job = f"{prefix}-{len(out)}"
     start = time.perf_counter_ns()
@@ -449,66 +454,18 @@ async def run(
         ),
         columns=["what", "n", "p50 ms", "p99 ms", "max ms", "ratio"],
         rows=[
-            [
-                "lock() idle",
-                str(idle_lat.n),
-                ms(idle_lat.p50),
-                ms(idle_lat.p99),
-                ms(idle_lat.max),
-                "1.00x",
-            ],
-            [
-                "lock() during clean()",
-                str(busy_lat.n),
-                ms(busy_lat.p50),
-                ms(busy_lat.p99),
-                ms(busy_lat.max),
-                times(p99_ratio),
-            ],
-            [
-                "DELETE statement",
-                str(deletes.n),
-                ms(deletes.p50),
-                ms(deletes.p99),
-                ms(deletes.max),
-                "-",
-            ],
+            _latency_row("lock() idle", idle_lat, "1.00x"),
+            _latency_row("lock() during clean()", busy_lat, times(p99_ratio)),
+            _latency_row("DELETE statement", deletes),
             *(
                 []
                 if probe is None or less is None
                 else [
-                    [
-                        "DELETE less an overlapping probe commit",
-                        str(less.n),
-                        ms(less.p50),
-                        ms(less.p99),
-                        ms(less.max),
-                        "-",
-                    ],
-                    [
-                        "probe commit, another table, during clean()",
-                        str(probe.n),
-                        ms(probe.p50),
-                        ms(probe.p99),
-                        ms(probe.max),
-                        "-",
-                    ],
+                    _latency_row("DELETE less an overlapping probe commit", less),
+                    _latency_row("probe commit, another table, during clean()", probe),
                 ]
             ),
-            *(
-                []
-                if checkpoints is None
-                else [
-                    [
-                        "checkpoint statement",
-                        str(checkpoints.n),
-                        ms(checkpoints.p50),
-                        ms(checkpoints.p99),
-                        ms(checkpoints.max),
-                        "-",
-                    ]
-                ]
-            ),
+            *([] if checkpoints is None else [_latency_row("checkpoint statement", checkpoints)]),
             ["clean() total", "1", "-", "-", ms(clean_s * 1000), "-"],
             ["bulk load", "1", "-", "-", ms(load_s * 1000), "-"],
             [f"settle after load: {settled_by}", "1", "-", "-", ms(settle_s * 1000), "-"],
