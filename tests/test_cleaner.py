@@ -198,6 +198,24 @@ async def test_clean_checkpoints_the_sqlite_log_after_each_batch(
         assert kinds == ["delete"] * 3
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_postgresql_batch_commits_without_waiting_for_the_disk(
+    backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
+) -> None:
+    """The batch turns synchronous_commit off for its own transaction, which its
+    commit ends: the connection (the pool's, shared with every other statement of the
+    locker) has it on again right after."""
+    locker = await make_locker(ttl=timedelta(hours=1))
+    await _age(engine, backend.table_name, await _win(locker, 3, "old"))
+    cutoff = datetime.now(UTC) - timedelta(hours=1)
+    async with engine.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        row: Any = (await autocommit.execute(locker._sql.prune_batch(cutoff, 10))).one()
+        after = (await autocommit.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
+    assert (row.deleted, row.synchronous_commit, after) == (3, "off", "on")
+    assert len(await _ids(engine, backend.table_name)) == 0
+
+
 async def test_batches_walk_up_through_ages_that_do_not_follow_ids(
     backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
 ) -> None:

@@ -350,6 +350,14 @@ class Statements:
         step over all of them again on every batch; starting at the floor does not.
         Elsewhere the index forgets deleted rows (SQLite) or soon purges them (InnoDB),
         and the statement is a plain DELETE whose row count says how many went.
+
+        On PostgreSQL the statement also turns ``synchronous_commit`` off for its own
+        transaction (the implicit one of an autocommit statement; ``set_config`` with
+        ``is_local`` true, undone as it ends). Its commit then releases the rows'
+        locks without waiting for the write-ahead log to reach the disk, so a disk
+        that stalls its flushes does not stretch the batch. A crash may lose the most
+        recent batches, never the database's consistency: their rows come back
+        expired and the next prune deletes them again.
         """
         from sqlalchemy.dialects import mysql
 
@@ -364,7 +372,11 @@ class Statements:
         if self.dialect_name != "postgresql":
             return deleting
         gone = deleting.returning(c.created_at).cte("gone")
-        return select(func.count().label("deleted"), func.max(gone.c.created_at).label("newest"))
+        return select(
+            func.count().label("deleted"),
+            func.max(gone.c.created_at).label("newest"),
+            func.set_config("synchronous_commit", "off", True).label("synchronous_commit"),
+        )
 
     def history(self, job_name: str | None, limit: int) -> Select[Any]:
         c = self.table.c
