@@ -44,6 +44,7 @@ class Config:
     prune_rows: int
     probes: int
     clean_batch_size: int | None
+    disk_probe_dir: str | None
     jobs: int
     many_rounds: int
     import_repeats: int
@@ -60,6 +61,7 @@ FULL = Config(
     prune_rows=1_000_000,
     probes=2000,
     clean_batch_size=None,
+    disk_probe_dir=None,
     jobs=500,
     many_rounds=15,
     import_repeats=15,
@@ -75,6 +77,7 @@ SMOKE = Config(
     prune_rows=20_000,
     probes=200,
     clean_batch_size=None,
+    disk_probe_dir=None,
     jobs=100,
     many_rounds=2,
     import_repeats=3,
@@ -111,6 +114,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="pruning: the locker's clean_batch_size (default: the library's default)",
     )
+    parser.add_argument(
+        "--disk-probe-dir",
+        help=(
+            "pruning: where a separate process flushes 4 KiB every 20 ms to watch the disk "
+            "(default: the SQLite file's folder, or the temporary folder for a server on "
+            "this machine; none for a server elsewhere)"
+        ),
+    )
     parser.add_argument("--processes", help="contention: comma-separated process counts")
     parser.add_argument("--concurrency", type=int, help="contention: callers per process")
     parser.add_argument("--ticks", type=int, help="contention: ticks per phase")
@@ -134,6 +145,8 @@ def make_config(args: argparse.Namespace) -> Config:
         config["prune_rows"] = args.prune_rows
     if args.clean_batch_size is not None:
         config["clean_batch_size"] = args.clean_batch_size
+    if args.disk_probe_dir is not None:
+        config["disk_probe_dir"] = args.disk_probe_dir
     if args.processes is not None:
         config["processes"] = [int(p) for p in _csv(args.processes)]
     if args.concurrency is not None:
@@ -199,6 +212,7 @@ def run_backend(
                     expired=config.prune_rows,
                     probes=config.probes,
                     batch_size=config.clean_batch_size,
+                    disk_probe_dir=config.disk_probe_dir,
                 )
             ),
             sections,

@@ -17,7 +17,9 @@ from SQLAlchemy's ``before_cursor_execute``/``after_cursor_execute`` events on t
 locker's engine. On PostgreSQL and MariaDB a probe commits into a table of its own
 every 20 ms meanwhile (``CommitProbe``), and each DELETE's time is also reported less
 its longest overlap with one of those commits, which no lock of the DELETE's can hold
-up. The statement target counts the DELETE as measured.
+up. When the database is on this machine, a process of its own flushes 4 KiB to disk
+every 20 ms (``DiskProbe``), and each DELETE is reported less its overlap with one of
+those flushes too. The statement target counts the DELETE as measured.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aiocronlock import AsyncDBLocker
@@ -337,7 +346,97 @@ class CommitProbe:
 
     def during(self, first: int, last: int) -> list[int]:
         """Durations of the probe's commits that began in ``[first, last]``."""
-        return [end - start for start, end in self.spans if first <= start <= last]
+        return started_within(self.spans, first, last)
+
+
+class DiskProbe:
+    """A 4 KiB write and ``fsync`` every ``INTERVAL_S`` into a file of its own, in a
+    process of its own (``_disk_probe.py``), from entering the block to leaving it.
+
+    It shares nothing with the database but the machine: a flush of its that stalls
+    while a DELETE runs shows the disk holding up writes, whatever the database and
+    this process were doing. It runs only when the database is on this machine (see
+    ``disk_probe_directory``), and only tells about the disk its directory is on.
+    """
+
+    INTERVAL_S = 0.02
+    #: The longest the probe may take to stop and report once asked.
+    STOP_TIMEOUT_S = 30.0
+    SCRIPT = Path(__file__).with_name("_disk_probe.py")
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.spans: list[Span] = []
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Self:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(self.SCRIPT),
+            self.directory,
+            str(self.INTERVAL_S),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the probe's stdin, which stops it, and read its flushes. An error of
+        the probe's is raised here, or added as a note to the error that ended the block."""
+        process = self._process
+        assert process is not None and process.stdin is not None
+        try:
+            process.stdin.close()
+            try:
+                async with asyncio.timeout(self.STOP_TIMEOUT_S):
+                    out, err = await process.communicate()
+            except BaseException as error:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                if isinstance(error, TimeoutError):
+                    raise RuntimeError(
+                        f"the disk probe did not stop within {self.STOP_TIMEOUT_S:g} s"
+                    ) from error
+                raise
+            if process.returncode != 0:
+                raise RuntimeError(
+                    f"the disk probe in {self.directory} exited with {process.returncode}: "
+                    f"{err.decode(errors='replace').strip()}"
+                )
+            self.spans = [(start, end) for start, end in json.loads(out)]
+        except Exception as error:
+            if exc is None:
+                raise
+            exc.add_note(f"the disk probe failed too: {error!r}")
+
+    def during(self, first: int, last: int) -> list[int]:
+        """Durations of the probe's flushes that began in ``[first, last]``."""
+        return started_within(self.spans, first, last)
+
+
+def disk_probe_directory(backend: Backend, override: str | None = None) -> str | None:
+    """Where the disk probe writes: ``override`` if given, else the SQLite file's
+    folder, or the system's temporary folder when the server's host is this machine;
+    None (no probe) for a server elsewhere, whose disk no local flush can tell about."""
+    if override is not None:
+        return override
+    if backend.name == "sqlite":
+        return os.path.dirname(os.path.abspath(backend.sqlite_path))
+    if make_url(backend.url).host in {"127.0.0.1", "localhost", "::1"}:
+        return tempfile.gettempdir()
+    return None
+
+
+def started_within(spans: Sequence[Span], first: int, last: int) -> list[int]:
+    """Durations of the spans that began in ``[first, last]``."""
+    return [end - start for start, end in spans if first <= start <= last]
 
 
 def overlaps(statements: Sequence[Span], probes: Sequence[Span]) -> list[int]:
@@ -365,6 +464,19 @@ def less_overlap(statements: Sequence[Span], overlap: Sequence[int]) -> list[int
     return [end - start - o for (start, end), o in zip(statements, overlap, strict=True)]
 
 
+@dataclass(frozen=True, slots=True)
+class _Probed:
+    """What one probe showed: its durations while clean() ran, and each DELETE's
+    overlap with its longest span, and durations less those overlaps."""
+
+    name: str
+    key: str
+    what: str
+    during: Latency
+    less: Latency
+    overlap: list[int]
+
+
 def _latency_row(what: str, latency: Latency, ratio_text: str = "-") -> list[str]:
     """A row of the report's table: how many, p50, p99 and max."""
     return [what, str(latency.n), ms(latency.p50), ms(latency.p99), ms(latency.max), ratio_text]
@@ -380,21 +492,31 @@ async def _probe(locker: AsyncDBLocker, prefix: str, run_time: datetime, out: li
 
 
 async def run(
-    backend: Backend, *, expired: int, probes: int, batch_size: int | None = None
+    backend: Backend,
+    *,
+    expired: int,
+    probes: int,
+    batch_size: int | None = None,
+    disk_probe_dir: str | None = None,
 ) -> Section:
-    """``batch_size`` overrides the locker's ``clean_batch_size`` (default: the library's)."""
+    """``batch_size`` overrides the locker's ``clean_batch_size`` (default: the
+    library's); ``disk_probe_dir``, the disk probe's folder (see ``disk_probe_directory``)."""
     table = f"{backend.table}_prune"
     live = max(1, expired // 100)
     options = {} if batch_size is None else {"clean_batch_size": batch_size}
     locker = backend.locker(table=table, ttl=TTL, **options)
     timer: StatementTimer | None = None
     commits: CommitProbe | None = None
+    disk: DiskProbe | None = None
+    disk_dir = disk_probe_directory(backend, disk_probe_dir)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(locker.aclose)
         await locker.create_table()
         load_s, settle_s, settled_by = await load(backend, table, expired, live)
         if CommitProbe.applies(backend):
             commits = await stack.enter_async_context(CommitProbe(backend, table))
+        if disk_dir is not None:
+            disk = await stack.enter_async_context(DiskProbe(disk_dir))
         run_time = datetime.now(UTC)
         warm: list[int] = []
         for _ in range(min(50, probes)):
@@ -426,23 +548,36 @@ async def run(
     deletes = Latency.of_ns([end - start for start, end in timer.delete_spans])
     checkpoints = Latency.of_ns(timer.checkpoints_ns) if timer.checkpoints_ns else None
     longest = max(deletes.max, checkpoints.max if checkpoints else 0.0)
-    probe: Latency | None = None
-    less: Latency | None = None
-    slowest: list[dict[str, float]] = []
-    if commits is not None:
-        probe = Latency.of_ns(commits.during(clean_started, clean_ended))
-        overlap = overlaps(timer.delete_spans, commits.spans)
-        less = Latency.of_ns(less_overlap(timer.delete_spans, overlap))
-        # The slowest DELETEs, each with the probe commit's overlap, for the report.
-        ranked = sorted(
-            zip(timer.delete_spans, overlap, strict=True),
-            key=lambda pair: pair[0][1] - pair[0][0],
-            reverse=True,
-        )
-        slowest = [
-            {"delete_ms": (end - start) / 1e6, "probe_overlap_ms": o / 1e6}
-            for (start, end), o in ranked[:5]
-        ]
+    # Each probe that ran: its durations during clean(), each DELETE less its overlap.
+    probed: list[_Probed] = []
+    for name, key, what, probe in (
+        ("probe commit", "probe_commit", "probe commit, another table, during clean()", commits),
+        ("disk flush", "disk_flush", "disk flush, another process, during clean()", disk),
+    ):
+        if probe is not None:
+            overlap = overlaps(timer.delete_spans, probe.spans)
+            probed.append(
+                _Probed(
+                    name,
+                    key,
+                    what,
+                    Latency.of_ns(probe.during(clean_started, clean_ended)),
+                    Latency.of_ns(less_overlap(timer.delete_spans, overlap)),
+                    overlap,
+                )
+            )
+    # The slowest DELETEs, each with every probe's overlap, for the report.
+    by_duration = sorted(
+        range(len(timer.delete_spans)),
+        key=lambda i: timer.delete_spans[i][0] - timer.delete_spans[i][1],
+    )
+    slowest = [
+        {
+            "delete_ms": (timer.delete_spans[i][1] - timer.delete_spans[i][0]) / 1e6,
+            **{f"{p.key}_overlap_ms": p.overlap[i] / 1e6 for p in probed},
+        }
+        for i in by_duration[:5]
+    ]
     p99_ratio = ratio(busy_lat.p99, idle_lat.p99)
     return Section(
         benchmark="prune",
@@ -458,12 +593,12 @@ async def run(
             _latency_row("lock() during clean()", busy_lat, times(p99_ratio)),
             _latency_row("DELETE statement", deletes),
             *(
-                []
-                if probe is None or less is None
-                else [
-                    _latency_row("DELETE less an overlapping probe commit", less),
-                    _latency_row("probe commit, another table, during clean()", probe),
-                ]
+                row
+                for p in probed
+                for row in (
+                    _latency_row(f"DELETE less an overlapping {p.name}", p.less),
+                    _latency_row(p.what, p.during),
+                )
             ),
             *([] if checkpoints is None else [_latency_row("checkpoint statement", checkpoints)]),
             ["clean() total", "1", "-", "-", ms(clean_s * 1000), "-"],
@@ -481,17 +616,14 @@ async def run(
                 unit=" ms",
             ),
             *(
-                []
-                if less is None
-                else [
-                    Ratio(
-                        "prune",
-                        backend.name,
-                        "longest DELETE less an overlapping probe commit",
-                        less.max,
-                        unit=" ms",
-                    )
-                ]
+                Ratio(
+                    "prune",
+                    backend.name,
+                    f"longest DELETE less an overlapping {p.name}",
+                    p.less.max,
+                    unit=" ms",
+                )
+                for p in probed
             ),
         ],
         figures={
@@ -505,8 +637,15 @@ async def run(
             "lock_idle": idle_lat.as_dict(),
             "lock_during_clean": busy_lat.as_dict(),
             "delete_statements": deletes.as_dict(),
-            "delete_less_probe_overlap": less.as_dict() if less is not None else None,
-            "probe_commits_during_clean": probe.as_dict() if probe is not None else None,
+            **{
+                key: value
+                for p in probed
+                for key, value in (
+                    (f"delete_less_{p.key}_overlap", p.less.as_dict()),
+                    (f"{p.key}_during_clean", p.during.as_dict()),
+                )
+            },
+            "disk_probe_dir": disk_dir,
             "slowest_deletes": slowest,
             "checkpoint_statements": checkpoints.as_dict() if checkpoints else None,
         },

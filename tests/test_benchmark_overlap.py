@@ -1,10 +1,11 @@
-"""The pruning benchmark's commit probe: each DELETE's time less its overlap with a
-probe commit on another table (pure arithmetic on spans), and the probe's own table,
-which it drops whatever ends the run."""
+"""The pruning benchmark's probes: each DELETE's time less its overlap with a probe's
+span (pure arithmetic on spans); the commit probe's own table, which it drops whatever
+ends the run; and the disk probe, a process of its own that flushes to a file."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,47 @@ async def test_the_commit_probe_commits_then_drops_its_table_when_the_run_fails(
     # A commit every 20 ms, each well under that here: several in 0.2 s.
     assert len(probe.spans) >= 2, probe.spans
     assert all(start < end for start, end in probe.spans)
+
+
+async def test_the_disk_probe_flushes_in_a_process_of_its_own_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    async with prune.DiskProbe(str(tmp_path)) as probe:
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.3)
+    assert 3 <= len(probe.spans) <= 0.3 / prune.DiskProbe.INTERVAL_S + 2, probe.spans
+    # One flush after another, on this process's clock, within the block.
+    assert all(start < end for start, end in probe.spans)
+    assert all(a[1] <= b[0] for a, b in zip(probe.spans, probe.spans[1:], strict=False))
+    assert probe.spans[0][0] >= started * 1e9 - 1e8
+    assert probe.during(probe.spans[1][0], probe.spans[-1][0]) == [
+        end - start for start, end in probe.spans[1:]
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_disk_probe_that_cannot_write_names_its_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(RuntimeError, match="no-such-folder") as raised:
+        async with prune.DiskProbe(str(missing)):
+            pass
+    assert "FileNotFoundError" in str(raised.value)
+
+    # When the run itself fails, its error is kept and the probe's becomes a note.
+    with pytest.raises(ValueError, match="the run failed") as raised_run:
+        async with prune.DiskProbe(str(missing)):
+            raise ValueError("the run failed")
+    assert any("disk probe failed too" in note for note in raised_run.value.__notes__)
+
+
+def test_the_disk_probe_runs_only_where_the_database_is_on_this_machine(tmp_path: Path) -> None:
+    def backend(name: str, url: str) -> bench.Backend:
+        return bench.Backend(name=name, url=url, table="t")
+
+    sqlite = backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}")
+    assert prune.disk_probe_directory(sqlite) == str(tmp_path)
+    local = backend("postgresql", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+    assert prune.disk_probe_directory(local) is not None
+    remote = backend("mysql", "mysql+asyncmy://root@db.example:3306/test")
+    assert prune.disk_probe_directory(remote) is None
+    assert prune.disk_probe_directory(remote, str(tmp_path)) == str(tmp_path)
