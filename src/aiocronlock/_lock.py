@@ -59,6 +59,7 @@ class Lock:
         "_done",
         "_keeper",
         "_locker",
+        "_lost",
         "_lost_reason",
         "_task",
         "_token",
@@ -67,7 +68,6 @@ class Lock:
         "identifier",
         "job_name",
         "lease",
-        "lost",
         "run_time",
         "worker",
     )
@@ -99,10 +99,22 @@ class Lock:
         self.run_time = run_time
         #: The lease of an exclusive lock; ``None`` for a per-tick lock.
         self.lease = lease
-        #: Set when an exclusive lock lost its lease. Never set for a per-tick lock.
-        self.lost = asyncio.Event()
+        # ``lost``, made on first use: lock_many() makes hundreds of locks at once,
+        # and a per-tick lock never needs one.
+        self._lost: asyncio.Event | None = None
         #: Cancel the task in the ``async with`` block when the lease is lost.
         self.cancel_on_loss = True
+
+    @property
+    def lost(self) -> asyncio.Event:
+        """Set when an exclusive lock lost its lease. Never set for a per-tick lock."""
+        if self._lost is None:
+            self._lost = asyncio.Event()
+        return self._lost
+
+    @property
+    def _is_lost(self) -> bool:
+        return self._lost is not None and self._lost.is_set()
 
     @property
     def exclusive(self) -> bool:
@@ -161,7 +173,7 @@ class Lock:
                 )
 
     def _lose(self, reason: str) -> None:
-        if self.lost.is_set():
+        if self._is_lost:
             return
         self._lost_reason = reason
         self.lost.set()
@@ -198,7 +210,7 @@ class Lock:
         if self._done:
             return
         await self._stop_keeper()
-        if self.lost.is_set():
+        if self._is_lost:
             status = Status.LOST
         else:
             status = Status.FAILED if failed else Status.FINISHED
@@ -251,7 +263,7 @@ class Lock:
             await self.unlock(failed=True)
         except Exception:
             # The body's exception matters more; do not hide it behind ours.
-            outcome = Status.LOST if self.lost.is_set() else Status.FAILED
+            outcome = Status.LOST if self._is_lost else Status.FAILED
             logger.exception("could not record %s for %r", outcome.value, self)
         if self._cancelled_by_loss and isinstance(exc, asyncio.CancelledError) and task:
             # Our cancellation, not the caller's: report it as what it is.
