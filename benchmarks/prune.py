@@ -28,6 +28,7 @@ import asyncio
 import bisect
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -263,9 +264,19 @@ async def _execute(backend: Backend, sql: str) -> None:
 
 
 async def drop_probe_table(backend: Backend, table: str) -> None:
-    """Drop the probe's table of the pruning table ``table``, if a run left it."""
+    """Drop the probe's table of the pruning table ``table``, if a run left it.
+
+    Most often the probe has dropped it already: MariaDB then answers with a note
+    ("Unknown table"), which asyncmy would log as a warning; it is not logged.
+    """
     if backend.name in _PROBE_DDL:
-        await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
+        driver_logger = logging.getLogger("asyncmy")
+        level = driver_logger.level
+        driver_logger.setLevel(logging.ERROR)
+        try:
+            await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
+        finally:
+            driver_logger.setLevel(level)
 
 
 class CommitProbe:
