@@ -133,8 +133,12 @@ async def _load_sqlite(conn: AsyncConnection, table: str, expired: int, live: in
 
 _LOADERS = {"postgresql": _load_postgresql, "mysql": _load_mysql, "sqlite": _load_sqlite}
 
-#: How long to wait at most for MariaDB to write the loaded pages out.
+#: How long to wait at most for MariaDB to write the loaded pages out,
 _SETTLE_TIMEOUT_S = 120.0
+#: and how long for its checkpoint age to fall lower than it has been; it is read
+#: every ``_SETTLE_POLL_S``.
+_SETTLE_STALLED_S = 10.0
+_SETTLE_POLL_S = 0.5
 
 
 async def _settle_postgresql(conn: AsyncConnection, table: str) -> str:
@@ -169,12 +173,20 @@ async def _settle_mysql(conn: AsyncConnection, table: str) -> str:
     if age is None or log_size is None:
         return f"{how}; checkpoint age unknown"
     deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    lowest, lowest_at = age, time.monotonic()
     while age > log_size // 20:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             waited = f"after {_SETTLE_TIMEOUT_S:g} s"
             return f"{how}; checkpoint age still {age / 2**20:.1f} MiB {waited}"
-        await asyncio.sleep(0.5)
+        if now - lowest_at > _SETTLE_STALLED_S:
+            # An idle server may stop short of the mark: nothing left to flush soon.
+            stalled = f"no lower for {_SETTLE_STALLED_S:g} s"
+            return f"{how}; checkpoint age {age / 2**20:.1f} MiB, {stalled}"
+        await asyncio.sleep(_SETTLE_POLL_S)
         age = await _mysql_variable(conn, age_sql) or 0
+        if age < lowest:
+            lowest, lowest_at = age, time.monotonic()
     return f"{how}; checkpoint age {age / 2**20:.1f} MiB"
 
 
