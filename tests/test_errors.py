@@ -272,3 +272,23 @@ def test_no_password_in_url_errors(url: str) -> None:
         AsyncDBLocker(url)
     assert PASSWORD not in str(info.value)
     assert PASSWORD not in repr(info.value)
+
+
+def test_errors_that_say_the_connection_is_gone() -> None:
+    from asyncmy.errors import InterfaceError as MySQLInterfaceError
+    from asyncmy.errors import OperationalError as MySQLOperationalError
+    from asyncpg.exceptions import (  # type: ignore[import-untyped]
+        ConnectionDoesNotExistError,
+    )
+    from asyncpg.exceptions import InterfaceError as PostgresInterfaceError
+
+    from aiocronlock._driver import lost_connection
+
+    assert lost_connection(MySQLInterfaceError(0, "Not connected"))
+    assert lost_connection(MySQLOperationalError(2013, "Lost connection to server"))
+    assert lost_connection(ConnectionDoesNotExistError("connection was closed"))
+    assert lost_connection(ConnectionResetError())
+    # Errors of a working connection are not.
+    assert not lost_connection(MySQLOperationalError(1205, "Lock wait timeout exceeded"))
+    assert not lost_connection(PostgresInterfaceError("another operation is in progress"))
+    assert not lost_connection(ValueError("bad input"))

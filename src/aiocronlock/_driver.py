@@ -425,4 +425,6 @@ def lost_connection(error: BaseException) -> bool:
     if "Connection" in type(error).__name__:  # asyncpg: ConnectionDoesNotExistError...
         return True
     code = error.args[0] if error.args else None
+    if code == 0 and type(error).__name__ == "InterfaceError":
+        return True  # asyncmy: the connection was closed ("Not connected")
     return code in (2006, 2013, 2055)  # MySQL: server gone away, lost connection
