@@ -298,10 +298,11 @@ class CommitProbe:
     No lock a DELETE takes can hold it up. When one of its commits stalls while a
     DELETE runs, something beyond the DELETE's locks held up commits: the disk, the
     log every commit must flush (which the prune's writes load too), or this process,
-    which the probe shares with the DELETEs and ``lock()``. The report shows each
-    DELETE's time less its overlap with one probe commit (see ``less_overlap``)
-    beside the time itself. Not on SQLite, where every write takes the one
-    database-wide lock, the DELETE's included.
+    which the probe shares with the DELETEs and ``lock()``; ``DiskProbe``, which
+    shares only the machine, tells the disk apart. The report shows each DELETE's
+    time less its overlap with one probe commit (see ``less_overlap``) beside the
+    time itself. Not on SQLite, where every write takes the one database-wide lock,
+    the DELETE's included.
     """
 
     #: Seconds between two commits: a stall shows in the probe at most this late.

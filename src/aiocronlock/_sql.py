@@ -354,10 +354,11 @@ class Statements:
         On PostgreSQL the statement also turns ``synchronous_commit`` off for its own
         transaction (the implicit one of an autocommit statement; ``set_config`` with
         ``is_local`` true, undone as it ends). Its commit then releases the rows'
-        locks without waiting for the write-ahead log to reach the disk, so a disk
-        that stalls its flushes does not stretch the batch. A crash may lose the most
-        recent batches, never the database's consistency: their rows come back
-        expired and the next prune deletes them again.
+        locks without waiting for the write-ahead log to reach the disk (or, with
+        synchronous replication, a standby), so a disk that stalls its flushes does
+        not stretch the batch. A crash may lose the most recent batches, never the
+        database's consistency: their rows come back expired and the next prune
+        deletes them again.
         """
         from sqlalchemy.dialects import mysql
 
