@@ -199,21 +199,37 @@ async def test_clean_checkpoints_the_sqlite_log_after_each_batch(
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-async def test_a_postgresql_batch_commits_without_waiting_for_the_disk(
-    backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
+async def test_a_postgresql_batch_turns_synchronous_commit_off_for_itself_only(
+    backend: Backend, engine: AsyncEngine
 ) -> None:
-    """The batch turns synchronous_commit off for its own transaction, which its
-    commit ends: the connection (the pool's, shared with every other statement of the
-    locker) has it on again right after."""
-    locker = await make_locker(ttl=timedelta(hours=1))
-    await _age(engine, backend.table_name, await _win(locker, 3, "old"))
-    cutoff = datetime.now(UTC) - timedelta(hours=1)
-    async with engine.connect() as conn:
-        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        row: Any = (await autocommit.execute(locker._sql.prune_batch(cutoff, 10))).one()
-        after = (await autocommit.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
-    assert (row.deleted, row.synchronous_commit, after) == (3, "off", "on")
-    assert len(await _ids(engine, backend.table_name)) == 0
+    """clean() sends each batch with ``synchronous_commit`` off for the batch's own
+    transaction (its commit then does not wait for the WAL flush). The locker's one
+    pooled connection, which every other statement of the locker uses too, keeps
+    the setting it had before, whatever that is."""
+    single = backend.engine(pool_size=1, max_overflow=0)
+    locker = AsyncDBLocker(
+        single, table_name=backend.table_name, ttl=timedelta(hours=1), clean_interval=None
+    )
+    counter = StatementCounter(single)
+    try:
+        await locker.create_table()
+        async with single.connect() as conn:
+            await conn.exec_driver_sql("SET synchronous_commit TO remote_write")
+            await conn.commit()
+        await _age(engine, backend.table_name, await _win(locker, 3, "old"))
+        counter.statements.clear()
+
+        assert await locker.clean() == 3
+
+        async with single.connect() as conn:
+            after = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar_one()
+    finally:
+        counter.close()
+        await locker.aclose()
+        await single.dispose()
+    batches = [s for s in counter.statements if "DELETE FROM" in s.upper()]
+    assert batches and all("set_config" in s for s in batches), batches
+    assert after == "remote_write"
 
 
 async def test_batches_walk_up_through_ages_that_do_not_follow_ids(

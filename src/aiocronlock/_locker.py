@@ -56,14 +56,15 @@ DEFAULT_CLEAN_BATCH_SIZE = 2000
 #: database less in all than many small ones: each statement has its own commit.
 CLEAN_STATEMENT_S = 0.05
 #: The share of the time a prune keeps the database busy: after a batch that took
-#: ``d`` seconds (its DELETE, commit and, on SQLite, checkpoint) the cleaner rests
-#: ``d * (1 - share) / share`` (at most a second, so a prune does not outlast its
-#: interval), leaving the rest to the INSERTs that decide ticks. After a batch over
-#: about 53 ms the cap binds, and the share is exceeded for that batch (the next one
-#: is halved). The work a DELETE leaves behind (InnoDB's purge and page flushing)
-#: competes with ``lock()`` too: pruning a million rows on MariaDB at a tenth of the
-#: time, ``lock()`` p99 was 1.9-2.5x idle in five runs; at a twentieth, 1.2-1.5x in
-#: four (see benchmarks/README.md).
+#: ``d`` seconds (its DELETE, commit and, on SQLite, checkpoint; on PostgreSQL the
+#: commit does not wait for the log's flush, see ``Statements.prune_batch``) the
+#: cleaner rests ``d * (1 - share) / share`` (at most a second, so a prune does not
+#: outlast its interval), leaving the rest to the INSERTs that decide ticks. After a
+#: batch over about 53 ms the cap binds, and the share is exceeded for that batch
+#: (the next one is halved). The work a DELETE leaves behind (InnoDB's purge and
+#: page flushing, PostgreSQL's log flush) competes with ``lock()`` too: pruning a
+#: million rows on MariaDB at a tenth of the time, ``lock()`` p99 was 1.9-2.5x idle
+#: in five runs; at a twentieth, 1.2-1.5x in four (see benchmarks/README.md).
 CLEAN_BUSY_SHARE = 0.05
 #: The fewest rows a pruning DELETE removes, however slow the database.
 _MIN_CLEAN_BATCH = 50
@@ -769,7 +770,9 @@ class AsyncDBLocker:
         rather than slowing down the ``lock()`` calls of every instance.
 
         Ages are measured with the database's clock, so instances whose clocks differ
-        prune the same rows.
+        prune the same rows. On PostgreSQL each batch commits with
+        ``synchronous_commit`` off, for its own transaction only: a crash can bring
+        back the last batches' expired rows, for the next prune to delete again.
         """
 
         self._check_open()

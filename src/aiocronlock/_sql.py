@@ -353,12 +353,13 @@ class Statements:
 
         On PostgreSQL the statement also turns ``synchronous_commit`` off for its own
         transaction (the implicit one of an autocommit statement; ``set_config`` with
-        ``is_local`` true, undone as it ends). Its commit then releases the rows'
-        locks without waiting for the write-ahead log to reach the disk (or, with
-        synchronous replication, a standby), so a disk that stalls its flushes does
-        not stretch the batch. A crash may lose the most recent batches, never the
-        database's consistency: their rows come back expired and the next prune
-        deletes them again.
+        ``is_local`` true, undone as it ends), whatever the server or the role sets.
+        Its commit then releases the rows' locks without waiting for the write-ahead
+        log to reach the disk (or, with synchronous replication, a standby), so a
+        stall of the disk then does not lengthen the batch; the DELETE itself may
+        still wait on the disk, to read pages or to write some out. A crash may lose
+        the most recent batches, never the database's consistency: their rows come
+        back expired and the next prune deletes them again.
         """
         from sqlalchemy.dialects import mysql
 
