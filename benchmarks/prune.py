@@ -31,9 +31,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,7 +157,13 @@ async def _mysql_variable(conn: AsyncConnection, sql: str) -> int | None:
     return None if row is None else int(row[1])
 
 
-async def _settle_mysql(conn: AsyncConnection, table: str) -> str:
+async def _settle_mysql(
+    conn: AsyncConnection,
+    table: str,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> str:
     """Write the table's pages out, then wait for InnoDB's checkpoint to catch up
     (MariaDB 10.5+ reports its age; MySQL does not, and only the flush is done)."""
     try:
@@ -172,10 +177,10 @@ async def _settle_mysql(conn: AsyncConnection, table: str) -> str:
     age, log_size = await _mysql_variable(conn, age_sql), await _mysql_variable(conn, size_sql)
     if age is None or log_size is None:
         return f"{how}; checkpoint age unknown"
-    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
-    lowest, lowest_at = age, time.monotonic()
+    deadline = clock() + _SETTLE_TIMEOUT_S
+    lowest, lowest_at = age, clock()
     while age > log_size // 20:
-        now = time.monotonic()
+        now = clock()
         if now > deadline:
             waited = f"after {_SETTLE_TIMEOUT_S:g} s"
             return f"{how}; checkpoint age still {age / 2**20:.1f} MiB {waited}"
@@ -183,10 +188,10 @@ async def _settle_mysql(conn: AsyncConnection, table: str) -> str:
             # An idle server may stop short of the mark: nothing left to flush soon.
             stalled = f"no lower for {_SETTLE_STALLED_S:g} s"
             return f"{how}; checkpoint age {age / 2**20:.1f} MiB, {stalled}"
-        await asyncio.sleep(_SETTLE_POLL_S)
+        await sleep(_SETTLE_POLL_S)
         age = await _mysql_variable(conn, age_sql) or 0
         if age < lowest:
-            lowest, lowest_at = age, time.monotonic()
+            lowest, lowest_at = age, clock()
     return f"{how}; checkpoint age {age / 2**20:.1f} MiB"
 
 
@@ -281,14 +286,16 @@ async def drop_probe_table(backend: Backend, table: str) -> None:
     Most often the probe has dropped it already: MariaDB then answers with a note
     ("Unknown table"), which asyncmy would log as a warning; it is not logged.
     """
-    if backend.name in _PROBE_DDL:
-        driver_logger = logging.getLogger("asyncmy")
-        level = driver_logger.level
+    if backend.name not in _PROBE_DDL:
+        return
+    driver_logger = logging.getLogger("asyncmy")
+    level = driver_logger.level
+    if backend.name == "mysql":
         driver_logger.setLevel(logging.ERROR)
-        try:
-            await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
-        finally:
-            driver_logger.setLevel(level)
+    try:
+        await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
+    finally:
+        driver_logger.setLevel(level)
 
 
 class CommitProbe:
@@ -396,6 +403,7 @@ class DiskProbe:
     async def __aenter__(self) -> Self:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-I",  # isolated: nothing from the project or the environment
             str(self.SCRIPT),
             self.directory,
             str(self.INTERVAL_S),
@@ -447,15 +455,41 @@ class DiskProbe:
 
 def disk_probe_directory(backend: Backend, override: str | None = None) -> str | None:
     """Where the disk probe writes: ``override`` if given, else the SQLite file's
-    folder, or the system's temporary folder when the server's host is this machine;
-    None (no probe) for a server elsewhere, whose disk no local flush can tell about."""
+    folder, or, when the server's host is this machine, this folder of the project
+    (the system's temporary folder is often a RAM disk, where a flush waits for
+    nothing); None (no probe) for a server elsewhere, whose disk no local flush can
+    tell about. ``disk_probe_device`` says whether it shares the data's device."""
     if override is not None:
         return override
     if backend.name == "sqlite":
         return os.path.dirname(os.path.abspath(backend.sqlite_path))
     if make_url(backend.url).host in {"127.0.0.1", "localhost", "::1"}:
-        return tempfile.gettempdir()
+        return str(Path(__file__).resolve().parent)
     return None
+
+
+_DATA_DIRECTORY_SQL = {
+    "postgresql": "SELECT current_setting('data_directory')",  # superusers and monitors
+    "mysql": "SELECT @@datadir",
+}
+
+
+async def disk_probe_device(backend: Backend, directory: str) -> str:
+    """Whether ``directory`` is on the device of the database's data, as far as this
+    machine can tell: the report's words for it."""
+    if backend.name == "sqlite":
+        return "in the database file's folder"
+    try:
+        engine = backend.engine()
+        try:
+            async with engine.connect() as conn:
+                data = (await conn.exec_driver_sql(_DATA_DIRECTORY_SQL[backend.name])).scalar()
+        finally:
+            await engine.dispose()
+        same = os.stat(str(data)).st_dev == os.stat(directory).st_dev
+    except Exception as error:  # no privilege, or a data directory not on this machine
+        return f"on a device not compared with the data's ({type(error).__name__})"
+    return "on the data's device" if same else "on another device than the data's"
 
 
 def started_within(spans: Sequence[Span], first: int, last: int) -> list[int]:
@@ -533,6 +567,7 @@ async def run(
     commits: CommitProbe | None = None
     disk: DiskProbe | None = None
     disk_dir = disk_probe_directory(backend, disk_probe_dir)
+    disk_device: str | None = None
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(locker.aclose)
         await locker.create_table()
@@ -540,6 +575,7 @@ async def run(
         if CommitProbe.applies(backend):
             commits = await stack.enter_async_context(CommitProbe(backend, table))
         if disk_dir is not None:
+            disk_device = await disk_probe_device(backend, disk_dir)
             disk = await stack.enter_async_context(DiskProbe(disk_dir))
         run_time = datetime.now(UTC)
         warm: list[int] = []
@@ -569,14 +605,15 @@ async def run(
             raise RuntimeError(f"clean() deleted {deleted} rows, expected the {expired} expired")
 
     idle_lat, busy_lat = Latency.of_ns(idle), Latency.of_ns(busy)
-    deletes = Latency.of_ns([end - start for start, end in timer.delete_spans])
+    durations = [end - start for start, end in timer.delete_spans]
+    deletes = Latency.of_ns(durations)
     checkpoints = Latency.of_ns(timer.checkpoints_ns) if timer.checkpoints_ns else None
     longest = max(deletes.max, checkpoints.max if checkpoints else 0.0)
     # Each probe that ran: its durations during clean(), each DELETE less its overlap.
     probed: list[_Probed] = []
     for name, key, what, probe in (
         ("probe commit", "probe_commit", "probe commit, another table, during clean()", commits),
-        ("disk flush", "disk_flush", "disk flush, another process, during clean()", disk),
+        ("disk flush", "disk_flush", f"disk flush, another process, {disk_device}", disk),
     ):
         if probe is not None:
             overlap = overlaps(timer.delete_spans, probe.spans)
@@ -591,16 +628,12 @@ async def run(
                 )
             )
     # The slowest DELETEs, each with every probe's overlap, for the report.
-    by_duration = sorted(
-        range(len(timer.delete_spans)),
-        key=lambda i: timer.delete_spans[i][0] - timer.delete_spans[i][1],
-    )
     slowest = [
         {
-            "delete_ms": (timer.delete_spans[i][1] - timer.delete_spans[i][0]) / 1e6,
+            "delete_ms": durations[i] / 1e6,
             **{f"{p.key}_overlap_ms": p.overlap[i] / 1e6 for p in probed},
         }
-        for i in by_duration[:5]
+        for i in sorted(range(len(durations)), key=durations.__getitem__, reverse=True)[:5]
     ]
     p99_ratio = ratio(busy_lat.p99, idle_lat.p99)
     return Section(
@@ -661,6 +694,11 @@ async def run(
             "lock_idle": idle_lat.as_dict(),
             "lock_during_clean": busy_lat.as_dict(),
             "delete_statements": deletes.as_dict(),
+            **{  # a probe that did not run: None
+                key: None
+                for name in ("probe_commit", "disk_flush")
+                for key in (f"delete_less_{name}_overlap", f"{name}_during_clean")
+            },
             **{
                 key: value
                 for p in probed
@@ -670,6 +708,7 @@ async def run(
                 )
             },
             "disk_probe_dir": disk_dir,
+            "disk_probe_device": disk_device,
             "slowest_deletes": slowest,
             "checkpoint_statements": checkpoints.as_dict() if checkpoints else None,
         },
