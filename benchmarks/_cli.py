@@ -118,8 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--disk-probe-dir",
         help=(
             "pruning: where a separate process flushes 4 KiB every 20 ms to watch the disk "
-            "(default: the SQLite file's folder, or the temporary folder for a server on "
-            "this machine; none for a server elsewhere)"
+            "(default: the SQLite file's folder, or benchmarks/ for a server on this "
+            "machine; none for a server elsewhere)"
         ),
     )
     parser.add_argument("--processes", help="contention: comma-separated process counts")
