@@ -101,6 +101,35 @@ async def drop_tables(backend: Backend, *tables: str) -> None:
         await engine.dispose()
 
 
+#: What each database waits for on commit: the settings behind its flushes.
+_DURABILITY_SQL = {
+    "postgresql": (
+        "SELECT 'synchronous_commit=' || current_setting('synchronous_commit') "
+        "|| ', fsync=' || current_setting('fsync')"
+    ),
+    "mysql": (
+        "SELECT CONCAT('innodb_flush_log_at_trx_commit=', @@innodb_flush_log_at_trx_commit, "
+        "', log_bin=', @@log_bin, ', sync_binlog=', @@sync_binlog)"
+    ),
+}
+
+
+async def durability(backend: Backend) -> str:
+    """The settings that decide what a commit waits for, as ``name=value, ...``."""
+    if backend.name == "sqlite":
+        # What a locker's connection has: SQLite's compiled-in default, in WAL mode.
+        with sqlite3.connect(":memory:") as conn:
+            level = conn.execute("PRAGMA synchronous").fetchone()[0]
+        names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+        return f"journal_mode=WAL, synchronous={names.get(level, level)}"
+    engine = backend.engine()
+    try:
+        async with engine.connect() as conn:
+            return str((await conn.exec_driver_sql(_DURABILITY_SQL[backend.name])).scalar_one())
+    finally:
+        await engine.dispose()
+
+
 async def server_version(backend: Backend) -> str:
     if backend.name == "sqlite":
         return f"SQLite {sqlite3.sqlite_version}"

@@ -19,6 +19,7 @@ from ._backends import (
     BACKENDS,
     Backend,
     drop_tables,
+    durability,
     make_backend,
     new_table_name,
     server_version,
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine()
     info["servers"] = {b.name: asyncio.run(server_version(b)) for b in backends}
+    info["durability"] = {b.name: asyncio.run(durability(b)) for b in backends}
     print(describe(info))
     print(f"mode: {'smoke' if args.smoke else 'full'}; table {table}; config {asdict(config)}\n")
     if os.getloadavg()[0] > (os.cpu_count() or 1):

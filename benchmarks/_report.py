@@ -39,12 +39,14 @@ def machine() -> dict[str, Any]:
 def describe(info: dict[str, Any]) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     servers = "; ".join(info.get("servers", {}).values())
+    durability = "; ".join(f"{k}: {v}" for k, v in info.get("durability", {}).items())
     load = " ".join(f"{x:.2f}" for x in info["loadavg_at_start"])
     return (
         f"machine: {info['nproc']} cores ({info['cpu']}), Python {info['python']}, "
         f"{info['platform']}\n"
         f"packages: {packages}\n"
         f"servers: {servers or '-'}\n"
+        f"durability: {durability or '-'}\n"
         f"load average at start: {load}"
     )
 
