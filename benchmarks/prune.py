@@ -385,9 +385,10 @@ class DiskProbe:
     process of its own (``_disk_probe.py``), from entering the block to leaving it.
 
     It shares nothing with the database but the machine: a flush of its that stalls
-    while a DELETE runs shows the disk holding up writes, whatever the database and
-    this process were doing. It runs only when the database is on this machine (see
-    ``disk_probe_directory``), and only tells about the disk its directory is on.
+    while a DELETE runs shows flushes on this machine held up (by the disk, or by
+    the machine itself), whatever the database and this process were doing. It runs
+    only when the database is on this machine (see ``disk_probe_directory``), and
+    only tells about the disk its directory is on.
     """
 
     INTERVAL_S = 0.02
