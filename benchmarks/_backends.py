@@ -101,6 +101,18 @@ async def drop_tables(backend: Backend, *tables: str) -> None:
         await engine.dispose()
 
 
+async def run_one(backend: Backend, sql: str) -> Any:
+    """Run one statement in autocommit on an engine of its own: the single value of
+    its single row when it returns rows (an error if it returns none), else None."""
+    engine = backend.engine(isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            result = await conn.exec_driver_sql(sql)
+            return result.scalar_one() if result.returns_rows else None
+    finally:
+        await engine.dispose()
+
+
 #: What each database waits for on commit: the settings behind its flushes.
 _DURABILITY_SQL = {
     "postgresql": (
@@ -122,24 +134,13 @@ async def durability(backend: Backend) -> str:
             level = conn.execute("PRAGMA synchronous").fetchone()[0]
         names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
         return f"journal_mode=WAL, synchronous={names.get(level, level)}"
-    engine = backend.engine()
-    try:
-        async with engine.connect() as conn:
-            return str((await conn.exec_driver_sql(_DURABILITY_SQL[backend.name])).scalar_one())
-    finally:
-        await engine.dispose()
+    return str(await run_one(backend, _DURABILITY_SQL[backend.name]))
 
 
 async def server_version(backend: Backend) -> str:
     if backend.name == "sqlite":
         return f"SQLite {sqlite3.sqlite_version}"
-    engine = backend.engine()
-    try:
-        async with engine.connect() as conn:
-            version = (await conn.exec_driver_sql("SELECT version()")).scalar_one()
-    finally:
-        await engine.dispose()
-    text = str(version)
+    text = str(await run_one(backend, "SELECT version()"))
     if backend.name == "postgresql":
         return " ".join(text.split()[:2])
     return f"MariaDB {text}" if "mariadb" in text.lower() else f"MySQL {text}"

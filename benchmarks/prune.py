@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aiocronlock import AsyncDBLocker
 
-from ._backends import Backend
+from ._backends import Backend, run_one
 from ._raw import RawClient, open_raw
 from ._stats import Latency, Ratio, Section, ms, ratio, times
 
@@ -271,15 +271,6 @@ def probe_table(table: str) -> str:
     return f"{table}_probe"
 
 
-async def _execute(backend: Backend, sql: str) -> None:
-    engine = backend.engine(isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.exec_driver_sql(sql)
-    finally:
-        await engine.dispose()
-
-
 async def drop_probe_table(backend: Backend, table: str) -> None:
     """Drop the probe's table of the pruning table ``table``, if a run left it.
 
@@ -293,7 +284,7 @@ async def drop_probe_table(backend: Backend, table: str) -> None:
     if backend.name == "mysql":
         driver_logger.setLevel(logging.ERROR)
     try:
-        await _execute(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
+        await run_one(backend, f"DROP TABLE IF EXISTS {probe_table(table)}")
     finally:
         driver_logger.setLevel(level)
 
@@ -361,7 +352,7 @@ class CommitProbe:
 
     async def _run_sql(self, sql: str) -> None:
         async with asyncio.timeout(self.STOP_TIMEOUT_S):
-            await _execute(self._backend, sql)
+            await run_one(self._backend, sql)
 
     async def _commits(self, raw: RawClient) -> None:
         sql = _PROBE_INSERT[self._backend.name].format(self.table)
@@ -481,12 +472,7 @@ async def disk_probe_device(backend: Backend, directory: str) -> str:
     if backend.name == "sqlite":
         return "in the database file's folder"
     try:
-        engine = backend.engine()
-        try:
-            async with engine.connect() as conn:
-                data = (await conn.exec_driver_sql(_DATA_DIRECTORY_SQL[backend.name])).scalar()
-        finally:
-            await engine.dispose()
+        data = await run_one(backend, _DATA_DIRECTORY_SQL[backend.name])
         same = os.stat(str(data)).st_dev == os.stat(directory).st_dev
     except Exception as error:  # no privilege, or a data directory not on this machine
         return f"on a device not compared with the data's ({type(error).__name__})"
