@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -289,6 +289,18 @@ async def drop_probe_table(backend: Backend, table: str) -> None:
         driver_logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _raised_or_noted(exc: BaseException | None, what: str) -> Iterator[None]:
+    """For a probe's ``__aexit__``: an error of ``what`` in the block is raised, unless
+    ``exc`` already ends the probe's block; then it is added to ``exc`` as a note."""
+    try:
+        yield
+    except Exception as error:
+        if exc is None:
+            raise
+        exc.add_note(f"{what} failed too: {error!r}")
+
+
 class CommitProbe:
     """A one-row commit every ``INTERVAL_S`` into a table of its own, through the raw
     driver, while ``lock()`` is measured, in both phases so that both carry its load.
@@ -342,13 +354,9 @@ class CommitProbe:
         async with self._cleanup:
             if self._task is None:
                 return
-            try:
+            with _raised_or_noted(exc, "the commit probe"):
                 async with asyncio.timeout(self.STOP_TIMEOUT_S):
                     await self._task
-            except Exception as error:
-                if exc is None:
-                    raise
-                exc.add_note(f"the commit probe failed too: {error!r}")
 
     async def _run_sql(self, sql: str) -> None:
         async with asyncio.timeout(self.STOP_TIMEOUT_S):
@@ -415,7 +423,7 @@ class DiskProbe:
         the probe's is raised here, or added as a note to the error that ended the block."""
         process = self._process
         assert process is not None and process.stdin is not None
-        try:
+        with _raised_or_noted(exc, "the disk probe"):
             process.stdin.close()
             try:
                 async with asyncio.timeout(self.STOP_TIMEOUT_S):
@@ -435,10 +443,6 @@ class DiskProbe:
                     f"{err.decode(errors='replace').strip()}"
                 )
             self.spans = [(start, end) for start, end in json.loads(out)]
-        except Exception as error:
-            if exc is None:
-                raise
-            exc.add_note(f"the disk probe failed too: {error!r}")
 
     def during(self, first: int, last: int) -> list[int]:
         """Durations of the probe's flushes that began in ``[first, last]``."""
