@@ -6,19 +6,14 @@ import time
 from typing import Any
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._errors import BackendError, TableMissingError
+from ._urls import describe as describe
+from ._urls import mask_url as mask_url
+from ._urls import parse_url as parse_url
 
-#: The asyncio driver used when a URL names only the database.
-_DEFAULT_DRIVERS = {
-    "postgresql": "asyncpg",
-    "postgres": "asyncpg",
-    "mysql": "asyncmy",
-    "mariadb": "asyncmy",
-    "sqlite": "aiosqlite",
-}
 #: The extra that installs each driver.
 _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiosqlite": "sqlite"}
 
@@ -31,46 +26,6 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 #: 10 ms later always switched. So it is retried, this many times at most.
 _WAL_ATTEMPTS = 10
 _WAL_RETRY_S = 0.01
-
-
-def parse_url(url: str | URL) -> URL:
-    """Parse a database URL, filling in the asyncio driver when none is named.
-
-    ``postgresql://`` becomes ``postgresql+asyncpg://``, ``mysql://`` and
-    ``mariadb://`` become ``+asyncmy``, ``sqlite://`` becomes ``+aiosqlite``.
-    """
-    try:
-        parsed = make_url(url)
-    except (exc.ArgumentError, ValueError) as error:
-        raise ValueError(
-            f"engine: {mask_url(url)!r} is not a database URL; expected e.g. "
-            "'postgresql+asyncpg://user@host/db' or 'sqlite+aiosqlite:///locks.db'"
-        ) from error
-    backend = parsed.get_backend_name()
-    if "+" not in parsed.drivername and backend in _DEFAULT_DRIVERS:
-        name = "postgresql" if backend == "postgres" else backend
-        parsed = parsed.set(drivername=f"{name}+{_DEFAULT_DRIVERS[backend]}")
-    return parsed
-
-
-def mask_url(url: str | URL) -> str:
-    """A URL as text with its password replaced by ``***``, even when it does not parse."""
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            credentials, _, host = rest.rpartition("@")
-            user = credentials.partition(":")[0]
-            return f"{scheme}://{user}:***@{host}"
-        return url
-
-
-def describe(engine: AsyncEngine) -> str:
-    """The engine's URL with the password hidden, for messages and reprs."""
-    return mask_url(engine.url)
 
 
 def create_engine_from_url(url: URL) -> AsyncEngine:
