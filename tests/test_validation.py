@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from aiocronlock import AsyncDBLocker
 from conftest import Backend, LockerFactory, StatementCounter, fetch_rows
 
 NOW = object()  # stands for "a valid run time", computed when the test runs
+PLUS_5 = timezone(timedelta(hours=5))
+MINUS_5 = timezone(timedelta(hours=-5))
 
 
 def _now() -> datetime:
@@ -32,11 +34,18 @@ BAD_LOCK_ARGUMENTS = [
     pytest.param(None, NOW, TypeError, "job_name", id="none-name"),
     pytest.param(b"job", NOW, TypeError, "job_name", id="bytes-name"),
     pytest.param("job-\udc80", NOW, ValueError, "job_name", id="lone-surrogate-name"),
+    pytest.param("job\x00name", NOW, ValueError, "job_name", id="nul-in-name"),
+    pytest.param("\x00", NOW, ValueError, "job_name", id="nul-name"),
     pytest.param("job", datetime(2025, 1, 1, 10, 0), ValueError, "run_time", id="naive"),
     pytest.param("job", "2025-01-01T10:00:00Z", TypeError, "run_time", id="str-run-time"),
     pytest.param("job", 1735725600, TypeError, "run_time", id="int-run-time"),
     pytest.param("job", 1735725600.0, TypeError, "run_time", id="float-run-time"),
     pytest.param("job", date(2025, 1, 1), TypeError, "run_time", id="date-run-time"),
+    # Aware, but their UTC time falls outside what a datetime can hold.
+    pytest.param("job", datetime(1, 1, 1, tzinfo=PLUS_5), ValueError, "run_time", id="utc-year-0"),
+    pytest.param(
+        "job", datetime(9999, 12, 31, 23, tzinfo=MINUS_5), ValueError, "run_time", id="utc-year-10k"
+    ),
 ]
 
 
@@ -56,6 +65,36 @@ async def test_bad_lock_arguments_raise_before_sql(
 
     with pytest.raises(error) as info:
         await locker.lock(job_name, _now() if run_time is NOW else run_time)
+
+    assert parameter in str(info.value)
+    assert len(count_statements) == 0
+    assert await fetch_rows(engine, backend.table_name) == []
+
+
+@pytest.mark.parametrize(
+    ("names", "run_time", "parameter"),
+    [
+        pytest.param(["ok", "bad\x00"], NOW, "job_names item", id="nul-in-a-name"),
+        pytest.param(["a", "b"], datetime(1, 1, 1, tzinfo=PLUS_5), "run_time", id="utc-year-0"),
+        pytest.param(
+            ["a"], datetime(9999, 12, 31, 23, tzinfo=MINUS_5), "run_time", id="utc-year-10k"
+        ),
+    ],
+)
+async def test_bad_lock_many_arguments_raise_before_sql(
+    backend: Backend,
+    engine: AsyncEngine,
+    make_locker: LockerFactory,
+    count_statements: StatementCounter,
+    names: list[str],
+    run_time: Any,
+    parameter: str,
+) -> None:
+    locker = await make_locker()
+    count_statements.statements.clear()
+
+    with pytest.raises(ValueError) as info:
+        await locker.lock_many(names, _now() if run_time is NOW else run_time)
 
     assert parameter in str(info.value)
     assert len(count_statements) == 0
@@ -99,6 +138,7 @@ BAD_STRATEGIES = [
     pytest.param(_returning("x" * 256), ValueError, id="256-chars"),
     pytest.param(_returning("x" * 10_000), ValueError, id="10kB"),
     pytest.param(_returning("tick-\udc80"), ValueError, id="lone-surrogate"),
+    pytest.param(_returning("tick\x00"), ValueError, id="nul"),
 ]
 
 
@@ -191,6 +231,7 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     pytest.param({"worker": "w" * 256}, ValueError, "worker", id="worker-256"),
     pytest.param({"worker": 7}, TypeError, "worker", id="worker-int"),
     pytest.param({"worker": "w\ud800"}, ValueError, "worker", id="worker-lone-surrogate"),
+    pytest.param({"worker": "pod\x00a"}, ValueError, "worker", id="worker-nul"),
     # table_name
     pytest.param({"table_name": "bad-name"}, ValueError, "table_name", id="table-dash"),
     pytest.param({"table_name": "1abc"}, ValueError, "table_name", id="table-digit"),

@@ -91,6 +91,11 @@ def compute_identifier(strategy: IdentifierStrategy, job_name: str, run_time: da
             f"identifier strategy {strategy!r} returned {len(value)} characters for job "
             f"{job_name!r}; identifiers must be at most {MAX_NAME_LENGTH}"
         )
+    if "\x00" in value:
+        raise ValueError(
+            f"identifier strategy {strategy!r} returned {value!r} for job {job_name!r}; "
+            "identifiers must not contain NUL ('\\x00')"
+        )
     if not value.isascii() and (problem := unencodable(value)):
         raise ValueError(
             f"identifier strategy {strategy!r} returned {value!r} for job {job_name!r}, "

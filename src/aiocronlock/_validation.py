@@ -43,13 +43,15 @@ def require_timedelta(name: str, value: object) -> timedelta:
 
 def check_name(name: str, value: object) -> str:
     """A job name, worker name or identifier: a string of 1 to 255 characters, not
-    blank, that UTF-8 can encode."""
+    blank, without NUL, that UTF-8 can encode."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{name} must not be empty or blank, got {value!r}")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"{name} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
+    if "\x00" in value:  # PostgreSQL cannot store it: refused on every backend alike
+        raise ValueError(f"{name} must not contain NUL ('\\x00'), got {value!r}")
     if not value.isascii() and (problem := unencodable(value)):
         raise ValueError(f"{name} must be text that UTF-8 can encode, got {value!r} ({problem})")
     return value
@@ -90,4 +92,9 @@ def to_utc(name: str, value: object) -> datetime:
             f"{name} must be timezone-aware, got the naive {value!r}: "
             "pass e.g. datetime.now(timezone.utc) or attach a tzinfo"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must fall between years 1 and 9999 in UTC, got {value.isoformat()}"
+        ) from None
