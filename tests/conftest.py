@@ -143,19 +143,30 @@ async def make_locker(backend: Backend, engine: AsyncEngine) -> AsyncIterator[Lo
         await own.dispose()
 
 
-class StatementCounter:
-    """Counts the statements an engine sends to its database."""
+class StatementCounter(logging.Handler):
+    """Counts the statements sent to the database: through the engine (SQLAlchemy's
+    cursor events) and through the locker's acquire path (the ``aiocronlock.sql`` log)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(logging.DEBUG)
         self.statements: list[str] = []
         self._engine = engine.sync_engine
         event.listen(self._engine, "before_cursor_execute", self._record)
+        self._sql_log = logging.getLogger("aiocronlock.sql")
+        self._level = self._sql_log.level
+        self._sql_log.setLevel(logging.DEBUG)
+        self._sql_log.addHandler(self)
 
     def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.statements.append(statement)
 
-    def close(self) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
+        self.statements.append(str(record.args[0]) if record.args else record.getMessage())
+
+    def detach(self) -> None:
         event.remove(self._engine, "before_cursor_execute", self._record)
+        self._sql_log.removeHandler(self)
+        self._sql_log.setLevel(self._level)
 
     def __len__(self) -> int:
         return len(self.statements)
@@ -165,7 +176,7 @@ class StatementCounter:
 def count_statements(engine: AsyncEngine) -> Iterator[StatementCounter]:
     counter = StatementCounter(engine)
     yield counter
-    counter.close()
+    counter.detach()
 
 
 async def fetch_rows(engine: AsyncEngine, table: str) -> list[Any]:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import aiocronlock._locker
 from aiocronlock import AsyncDBLocker, lock_table
-from aiocronlock._locker import CLEAN_BUSY_SHARE, CLEAN_STATEMENT_S, _next_batch, _rest_after
+from aiocronlock._cleaner import CLEAN_BUSY_SHARE, CLEAN_STATEMENT_S, next_batch, rest_after
 from conftest import Backend, LockerFactory, StatementCounter, fetch_rows, watch_log
 
 CLEANER_JOB = "aiocronlock.cleaner"
@@ -456,18 +456,18 @@ async def test_aclose_stops_the_cleaner(
 
 def test_batches_shrink_while_deletes_are_slow_and_grow_back_to_the_maximum() -> None:
     slow, fast, fine = 2 * CLEAN_STATEMENT_S, CLEAN_STATEMENT_S / 4, CLEAN_STATEMENT_S * 0.75
-    assert _next_batch(2000, slow, 2000) == 1000
-    assert _next_batch(60, slow, 2000) == 50  # never below the floor
-    assert _next_batch(50, slow, 2000) == 50
-    assert _next_batch(500, fast, 2000) == 1000
-    assert _next_batch(1500, fast, 2000) == 2000  # never above clean_batch_size
-    assert _next_batch(3, fast, 3) == 3
-    assert _next_batch(700, fine, 2000) == 700
+    assert next_batch(2000, slow, 2000) == 1000
+    assert next_batch(60, slow, 2000) == 50  # never below the floor
+    assert next_batch(50, slow, 2000) == 50
+    assert next_batch(500, fast, 2000) == 1000
+    assert next_batch(1500, fast, 2000) == 2000  # never above clean_batch_size
+    assert next_batch(3, fast, 3) == 3
+    assert next_batch(700, fine, 2000) == 700
 
 
 def test_the_cleaner_rests_so_that_its_deletes_keep_only_their_share_of_the_time() -> None:
     for took in (0.001, 0.02, CLEAN_STATEMENT_S):
-        rest = _rest_after(took)
+        rest = rest_after(took)
         assert took / (took + rest) == pytest.approx(CLEAN_BUSY_SHARE)
     # Never more than a second, so that a prune does not outlast its interval.
-    assert _rest_after(10 * CLEAN_STATEMENT_S) == 1.0
+    assert rest_after(10 * CLEAN_STATEMENT_S) == 1.0

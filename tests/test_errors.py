@@ -282,7 +282,7 @@ def test_errors_that_say_the_connection_is_gone() -> None:
     )
     from asyncpg.exceptions import InterfaceError as PostgresInterfaceError
 
-    from aiocronlock._driver import lost_connection
+    from aiocronlock._engine import lost_connection
 
     assert lost_connection(MySQLInterfaceError(0, "Not connected"))
     assert lost_connection(MySQLOperationalError(2013, "Lost connection to server"))

@@ -214,7 +214,7 @@ async def test_a_renewal_after_another_run_took_over_fails_and_leaves_its_lease_
     (taken,) = await b.leases()
     assert (taken.holder_id, taken.worker, taken.live) == (new.id, "b", True)
 
-    assert await a._renew(old) is False
+    assert await a.store.renew(old.job_name, old.id, timedelta(seconds=30)) is False
     assert await b.leases() == [taken]
     await old.unlock()  # a's late outcome does not touch b's lease either
     assert await b.leases() == [taken]

@@ -137,3 +137,19 @@ def _is_missing_table(error: BaseException) -> bool:
     if args and args[0] == 1146:  # MySQL/MariaDB: ER_NO_SUCH_TABLE
         return True
     return "no such table" in str(error)  # SQLite
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether a driver error means the connection itself is gone."""
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig or error
+    if isinstance(error, ConnectionError | OSError):
+        return True
+    if "Connection" in type(error).__name__:  # asyncpg: ConnectionDoesNotExistError...
+        return True
+    code = error.args[0] if error.args else None
+    if code == 0 and type(error).__name__ == "InterfaceError":
+        return True  # asyncmy: the connection was closed ("Not connected")
+    return code in (2006, 2013, 2055)  # MySQL: server gone away, lost connection

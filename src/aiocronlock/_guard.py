@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from ._identifiers import Precision
-from ._locker import AsyncDBLocker
+from ._locker import AsyncDBLocker, lease_for
 from ._validation import check_name
 
 P = ParamSpec("P")
@@ -49,7 +49,7 @@ def locked(
         check_name("name", name)
     if scheduled_time is not None and not callable(scheduled_time):
         raise TypeError("scheduled_time must be a callable returning a datetime or None")
-    job_lease = locker._lease_for(exclusive, lease) if exclusive or lease else None
+    job_lease = lease_for(locker, exclusive, lease) if exclusive or lease else None
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | None]]:
         job_name = name if name is not None else f"{func.__module__}.{func.__qualname__}"

@@ -7,14 +7,15 @@ import contextvars
 import logging
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ._errors import BackendError, LeaseLostError
 from ._events import EventKind
 from ._schema import Status
 
 if TYPE_CHECKING:
-    from ._locker import AsyncDBLocker
+    from ._events import Events
+    from ._store import Store
 
 logger = logging.getLogger("aiocronlock")
 
@@ -57,10 +58,11 @@ class Lock:
     __slots__ = (
         "_cancelled_by_loss",
         "_done",
+        "_events",
         "_keeper",
-        "_locker",
         "_lost",
         "_lost_reason",
+        "_store",
         "_task",
         "_token",
         "cancel_on_loss",
@@ -74,7 +76,8 @@ class Lock:
 
     def __init__(
         self,
-        locker: AsyncDBLocker,
+        store: Store,
+        events: Events,
         *,
         id: int,
         job_name: str,
@@ -83,7 +86,8 @@ class Lock:
         run_time: datetime,
         lease: timedelta | None = None,
     ) -> None:
-        self._locker = locker
+        self._store = store
+        self._events = events
         self._done = False
         self._token: contextvars.Token[Lock] | None = None
         self._task: asyncio.Task[object] | None = None
@@ -104,6 +108,13 @@ class Lock:
         self._lost: asyncio.Event | None = None
         #: Cancel the task in the ``async with`` block when the lease is lost.
         self.cancel_on_loss = True
+        if lease is not None:
+            # The lease was taken no earlier than now: count from here, not from when
+            # the keeper first runs (the event loop may be blocked before that).
+            confirmed = asyncio.get_running_loop().time()
+            self._keeper = asyncio.create_task(
+                self._keep_lease(confirmed), name=f"aiocronlock lease {job_name} #{id}"
+            )
 
     @property
     def lost(self) -> asyncio.Event:
@@ -127,14 +138,6 @@ class Lock:
 
     # -- the lease of an exclusive lock ---------------------------------------------------------
 
-    def _start_lease(self) -> None:
-        # The lease was taken no earlier than now: count from here, not from when the
-        # keeper first runs (the event loop may be blocked before that).
-        confirmed = asyncio.get_running_loop().time()
-        self._keeper = asyncio.create_task(
-            self._keep_lease(confirmed), name=f"aiocronlock lease {self.job_name} #{self.id}"
-        )
-
     async def _keep_lease(self, confirmed: float) -> None:
         assert self.lease is not None
         loop = asyncio.get_running_loop()
@@ -153,7 +156,7 @@ class Lock:
                 return
             try:
                 async with asyncio.timeout(deadline - sent):
-                    renewed = await self._locker._renew(self)
+                    renewed = await self._store.renew(self.job_name, self.id, self.lease)
             except TimeoutError:
                 continue  # the deadline has passed: lost, at the top of the loop
             except BackendError as error:
@@ -163,11 +166,9 @@ class Lock:
                 self._lose("the lease expired or was taken over")
                 return
             confirmed = sent
-            if self._locker.events:
-                self._locker._emit(
+            if self._events:
+                self._emit(
                     EventKind.LEASE_RENEWED,
-                    self.job_name,
-                    self.identifier,
                     lock_id=self.id,
                     run_time=self.run_time,
                 )
@@ -178,11 +179,9 @@ class Lock:
         self._lost_reason = reason
         self.lost.set()
         logger.error("%r lost its lease: %s", self, reason)
-        if self._locker.events:
-            self._locker._emit(
+        if self._events:
+            self._emit(
                 EventKind.LEASE_LOST,
-                self.job_name,
-                self.identifier,
                 lock_id=self.id,
                 run_time=self.run_time,
                 reason=reason,
@@ -196,6 +195,9 @@ class Lock:
         if keeper is not None and keeper is not asyncio.current_task():
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
+
+    def _emit(self, kind: EventKind, **details: Any) -> None:
+        self._events.emit(kind, self.worker, self.job_name, self.identifier, details)
 
     # -- releasing ------------------------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Lock:
 
     async def _record(self, status: Status) -> None:
         release = self.job_name if self.exclusive and status != Status.LOST else None
-        update = asyncio.ensure_future(self._locker._finish(self.id, status, release_job=release))
+        update = asyncio.ensure_future(self._store.finish(self.id, status, release_job=release))
         try:
             await asyncio.shield(update)
         except asyncio.CancelledError:
@@ -234,12 +236,9 @@ class Lock:
 
     def _finished(self, status: Status) -> None:
         self._done = True
-        locker = self._locker
-        if locker.events and status != Status.LOST:
+        if self._events and status != Status.LOST:
             kind = EventKind.FAILED if status == Status.FAILED else EventKind.FINISHED
-            locker._emit(
-                kind, self.job_name, self.identifier, lock_id=self.id, run_time=self.run_time
-            )
+            self._emit(kind, lock_id=self.id, run_time=self.run_time)
 
     async def __aenter__(self) -> Self:
         self._token = _current_lock.set(self)

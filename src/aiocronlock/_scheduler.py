@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from ._clock import Clock
 from ._errors import BackendError
 from ._events import EventKind
-from ._locker import AsyncDBLocker
+from ._locker import AsyncDBLocker, lease_for
 from ._triggers import CronTrigger, IntervalTrigger, Trigger, as_trigger, latest_due
 from ._validation import check_name, require_timedelta
 
@@ -128,7 +128,7 @@ class Scheduler:
                 f"locker with identifier=precision(timedelta(seconds="
                 f"{schedule.interval.total_seconds():g}))"
             )
-        job_lease = self.locker._lease_for(exclusive, lease) if exclusive or lease else None
+        job_lease = lease_for(self.locker, exclusive, lease) if exclusive or lease else None
         job = Job(
             job_name,
             func,
@@ -257,8 +257,12 @@ class Scheduler:
         if job.running and job.skip_if_running:
             logger.debug("%r: skipping %s, the previous run is still going", job.name, scheduled)
             if self.locker.events:
-                self.locker._emit(
-                    EventKind.SKIPPED, job.name, None, run_time=scheduled, reason="running"
+                self.locker.events.emit(
+                    EventKind.SKIPPED,
+                    self.locker.worker,
+                    job.name,
+                    None,
+                    {"run_time": scheduled, "reason": "running"},
                 )
             return
         run = asyncio.create_task(
