@@ -138,7 +138,7 @@ def test_init_then_history_shows_the_runs(tmp_path: Path) -> None:
     shown = cli("--url", url, "history")
     assert shown.returncode == 0, shown.stderr
     assert shown.stderr == ""
-    for column in ("id", "job", "tick", "worker", "status", "duration"):
+    for column in ("id", "job", "tick", "worker", "status", "started", "took"):
         assert column in shown.stdout
     for identifier in identifiers:
         assert identifier in shown.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,24 +53,33 @@ async def cli(*args: str) -> Result:
 
 
 def _table(output: str, title: str) -> list[dict[str, str]]:
-    """The rows of the rich table titled ``title`` in ``output``, as {column: cell}."""
+    """The rows of the table titled ``title`` in ``output``, as {column: cell}.
+
+    Columns are found from the header's positions, so cells may hold spaces, but
+    not a folded line.
+    """
     lines = iter(output.splitlines())
     for line in lines:
         if line.startswith(title):
             break
     else:
         raise AssertionError(f"no table {title!r} in:\n{output}")
-    header: list[str] = []
+    header = ""
+    for line in lines:  # the header is the line above the rule under it
+        if line.strip() and set(line.strip()) == {"─"}:
+            break
+        header = line
+    else:
+        raise AssertionError(f"table {title!r} has no header in:\n{output}")
+    names = re.findall(r"\S+(?: \S+)*", header)
+    starts = [header.index(name) for name in names]
+    ends = [*starts[1:], None]
     rows: list[dict[str, str]] = []
     for line in lines:
-        if line.startswith("┃"):
-            header = [cell.strip() for cell in line.strip("┃").split("┃")]
-        elif line.startswith("│"):
-            cells = [cell.strip() for cell in line.strip("│").split("│")]
-            rows.append(dict(zip(header, cells, strict=True)))
-        elif line.startswith("└"):
-            return rows
-    raise AssertionError(f"table {title!r} does not end in:\n{output}")
+        if not line.strip():
+            break
+        rows.append({n: line[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)})
+    return rows
 
 
 def _runs(output: str) -> list[dict[str, str]]:

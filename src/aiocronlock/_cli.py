@@ -1,25 +1,38 @@
-"""The ``aiocronlock`` command line: demo, init, history, prune, release."""
+"""The ``aiocronlock`` command line: demo, init, history, prune, release.
+
+Each command imports only what it needs: ``--help`` loads neither SQLAlchemy nor rich.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._errors import AiocronlockError
-from ._schema import DEFAULT_TABLE_NAME
+from ._errors import AiocronlockError, BackendError
+
+if TYPE_CHECKING:
+    from ._locker import AsyncDBLocker, JobRun, Lease
 
 DEFAULT_URL = "sqlite:///aiocronlock.db"
 URL_ENV = "AIOCRONLOCK_URL"
+#: The locker's default table name (``_schema.DEFAULT_TABLE_NAME``), here so that
+#: ``--help`` need not import SQLAlchemy.
+DEFAULT_TABLE = "cron_job_locks"
+DEFAULT_TIMEOUT = timedelta(seconds=5)
+#: The command ``demo`` starts its worker processes with; not listed among the commands.
+WORKER_COMMAND = "_demo-worker"
 
 _DURATION = re.compile(r"(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d|w)?")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+class CommandError(Exception):
+    """A command that cannot do what was asked: one line, exit status 2."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -35,6 +48,21 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def format_duration(duration: timedelta) -> str:
+    """A duration the way :func:`parse_duration` reads it: ``7d``, ``1h30m``, ``500ms``."""
+    seconds = duration.total_seconds()
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{int(count)}{unit}")
+    if round(seconds, 3):
+        parts.append(f"{round(seconds, 3):g}s")
+    return "".join(parts)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -45,19 +73,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+class _Version(argparse.Action):
+    """``--version``, read from the installed package's metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        from importlib.metadata import version
+
+        print(f"aiocronlock {version('aiocronlock')}")
+        parser.exit()
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool, demo: bool = False) -> None:
     # Given before or after the command; only the top level holds the defaults, so
     # a subcommand does not overwrite a value given before it.
+    if top:
+        default_url = f"${URL_ENV}, else {DEFAULT_URL}; demo: a fresh SQLite file"
+    elif demo:
+        default_url = f"${URL_ENV}, else a fresh SQLite file in a temporary folder"
+    else:
+        default_url = f"${URL_ENV}, else {DEFAULT_URL}"
     parser.add_argument(
         "--url",
         default=None if top else argparse.SUPPRESS,
-        help=f"database URL (default: ${URL_ENV}, else {DEFAULT_URL}; "
-        "the demo uses a fresh SQLite file)",
+        help=f"database URL (default: {default_url})",
     )
     parser.add_argument(
         "--table",
-        default=DEFAULT_TABLE_NAME if top else argparse.SUPPRESS,
-        help=f"lock table name (default: {DEFAULT_TABLE_NAME})",
+        default=DEFAULT_TABLE if top else argparse.SUPPRESS,
+        help=f"lock table name (default: {DEFAULT_TABLE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=DEFAULT_TIMEOUT if top else argparse.SUPPRESS,
+        metavar="DURATION",
+        help="how long each database call may take, e.g. 10s or 1m "
+        f"(default: {format_duration(DEFAULT_TIMEOUT)})",
     )
 
 
@@ -68,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aiocronlock",
         description="Run each tick of a scheduled job on exactly one instance.",
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _add_common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    demo_common = argparse.ArgumentParser(add_help=False)
+    _add_common(demo_common, top=False, demo=True)
     demo = commands.add_parser(
         "demo",
         help="race several worker processes for the same ticks and prove each ran once",
@@ -78,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Start several worker processes that all schedule the same jobs on one "
             "database, show live which worker ran each tick, and end with a summary "
             "proving that every tick ran exactly once. Uses a fresh SQLite file unless "
-            "--url is given."
+            "--url (or $AIOCRONLOCK_URL) is given."
         ),
-        parents=[common],
+        parents=[demo_common],
     )
     demo.add_argument("--workers", type=_positive_int, default=3, help="worker processes (3)")
     demo.add_argument("--jobs", type=_positive_int, default=2, help="jobs per worker (2)")
@@ -97,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="show recent runs", parents=[common])
     history.add_argument("--job", help="only this job")
     history.add_argument("--limit", type=_positive_int, default=20, help="rows (20)")
+    history.add_argument(
+        "--json", action="store_true", help="print runs and leases as JSON, for scripts"
+    )
 
     prune = commands.add_parser("prune", help="delete runs older than --ttl now", parents=[common])
     prune.add_argument("--ttl", type=parse_duration, required=True, help="e.g. 7d, 12h, 90m")
@@ -112,44 +172,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("job", help="the job name")
     release.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return parser
 
-    worker = commands.add_parser("_demo-worker", parents=[common])  # started by `demo`
+
+def build_worker_parser() -> argparse.ArgumentParser:
+    """The parser of ``aiocronlock _demo-worker``, which only ``demo`` starts."""
+    worker = argparse.ArgumentParser(prog=f"aiocronlock {WORKER_COMMAND}")
+    _add_common(worker, top=True)
     worker.add_argument("--worker", required=True)
     worker.add_argument("--jobs", type=_positive_int, required=True)
     worker.add_argument("--interval", type=parse_duration, required=True)
     worker.add_argument("--until", type=float, required=True)
-    return parser
+    worker.set_defaults(command=WORKER_COMMAND)
+    return worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a usage or database error)."""
-    args = build_parser().parse_args(argv)
+    import asyncio
+    import logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [WORKER_COMMAND]:
+        args = build_worker_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="aiocronlock: %(levelname)s: %(message)s")
     try:
         return asyncio.run(_dispatch(args))
-    except (AiocronlockError, ValueError, TypeError, ModuleNotFoundError) as error:
+    except BackendError as error:
+        print(f"aiocronlock: error: {_explain(error, args.timeout)}", file=sys.stderr)
+        return 2
+    except (AiocronlockError, CommandError, ValueError, TypeError, ModuleNotFoundError) as error:
         print(f"aiocronlock: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-async def _dispatch(args: argparse.Namespace) -> int:
-    from . import _demo
+def _explain(error: BackendError, timeout: timedelta) -> str:
+    """The error's message, naming ``--timeout`` when the database did not answer in time."""
+    if isinstance(error.__cause__, TimeoutError):
+        return (
+            f"{error.operation} failed: {error.reason}: check that the database is "
+            f"reachable, or allow more with --timeout (now {format_duration(timeout)})"
+        )
+    return str(error)
 
+
+async def _dispatch(args: argparse.Namespace) -> int:
     if args.url is None:
         args.url = os.environ.get(URL_ENV) or (None if args.command == "demo" else DEFAULT_URL)
-    if args.command == "demo":
-        return await _demo.run_demo(
-            url=args.url,
-            table=args.table,
-            workers=args.workers,
-            jobs=args.jobs,
-            duration=args.duration,
-            interval=args.interval,
-            as_json=args.json,
-        )
-    if args.command == "_demo-worker":
+    if args.command in ("demo", WORKER_COMMAND):
+        from . import _demo
+
+        if args.command == "demo":
+            return await _demo.run_demo(
+                url=args.url,
+                table=args.table,
+                workers=args.workers,
+                jobs=args.jobs,
+                duration=args.duration,
+                interval=args.interval,
+                call_timeout=args.timeout,
+                as_json=args.json,
+            )
         return await _demo.run_worker(
             url=args.url,
             table=args.table,
@@ -157,65 +244,85 @@ async def _dispatch(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             interval=args.interval,
             until=args.until,
+            call_timeout=args.timeout,
         )
     return await _maintenance(args)
 
 
 async def _maintenance(args: argparse.Namespace) -> int:
-    from ._engine import describe
     from ._locker import AsyncDBLocker
+    from ._urls import describe
 
-    console = _console()
     ttl = args.ttl if args.command == "prune" else timedelta(days=1)
     # Not `async with`: one-off commands need no cleaner and no clock check.
-    locker = AsyncDBLocker(args.url, table_name=args.table, ttl=ttl, clean_interval=None)
+    locker = AsyncDBLocker(
+        args.url, table_name=args.table, ttl=ttl, clean_interval=None, timeout=args.timeout
+    )
     try:
         where = f"{locker.table.name} on {describe(locker.engine)}"
         if args.command == "init":
             await locker.create_table()
-            console.print(f"table {where} is ready")
+            print(f"table {where} is ready")
         elif args.command == "prune":
             pruned = await locker.clean()
-            console.print(f"deleted {pruned} run(s) older than {args.ttl} from {where}")
+            print(f"deleted {pruned} run(s) older than {format_duration(args.ttl)} from {where}")
         elif args.command == "release":
-            return await _release(locker, args.job, yes=args.yes, console=console)
+            return await _release(locker, args.job, yes=args.yes, where=where)
         else:
-            runs = await locker.history(job_name=args.job, limit=args.limit)
-            console.print(_history_table(runs, title=f"recent runs in {where}"))
-            leases = [
-                lease
-                for lease in await locker.leases()
-                if args.job is None or lease.job_name == args.job
-            ]
-            if leases:
-                console.print(_lease_table(leases))
+            await _history(locker, job=args.job, limit=args.limit, where=where, as_json=args.json)
     finally:
         await locker.aclose()
     return 0
 
 
-async def _release(locker: Any, job: str, *, yes: bool, console: Any) -> int:
-    live = [lease for lease in await locker.leases() if lease.job_name == job and lease.live]
+async def _history(
+    locker: AsyncDBLocker, *, job: str | None, limit: int, where: str, as_json: bool
+) -> None:
+    runs = await locker.history(job_name=job, limit=limit)
+    leases = [lease for lease in await locker.leases() if job is None or lease.job_name == job]
+    if as_json:
+        print(_history_json(runs, leases))
+        return
+    console = _console()
+    console.print(_history_table(runs, where=where))
+    if leases:
+        console.print()
+        console.print(_lease_table(leases))
+
+
+async def _release(locker: AsyncDBLocker, job: str, *, yes: bool, where: str) -> int:
+    import asyncio
+
+    leases = [lease for lease in await locker.leases() if lease.job_name == job]
+    live = [lease for lease in leases if lease.live]
     if not live:
-        console.print(f"{job!r} holds no live lease: nothing to release")
+        if not leases and not await locker.history(job_name=job, limit=1):
+            raise CommandError(
+                f"release: no job named {job!r} has run in {where}: "
+                "check the name with `aiocronlock history`"
+            )
+        print(f"{job!r} holds no live lease: nothing to release")
         return 0
     lease = live[0]
     if not yes:
         if not sys.stdin.isatty():
-            raise ValueError("release: not a terminal, so no confirmation: pass --yes")
+            raise CommandError("release: not a terminal, so no confirmation: pass --yes")
         answer = await asyncio.to_thread(
             input,
             f"release the lease of {job!r} held by {lease.worker} (run {lease.holder_id}) "
             f"until {lease.lease_until:%Y-%m-%d %H:%M:%S} UTC? [y/N] ",
         )
         if answer.strip().lower() not in ("y", "yes"):
-            console.print("left as it is")
+            print("left as it is")
             return 1
     if await locker.release(job):
-        console.print(f"released {job!r}; run {lease.holder_id} is marked LOST")
+        print(f"released {job!r}; run {lease.holder_id} is marked LOST")
     else:
-        console.print(f"{job!r} holds no live lease any more: nothing to release")
+        print(f"{job!r} holds no live lease any more: nothing to release")
     return 0
+
+
+# -- tables: rich, imported only to draw them ------------------------------------------------
 
 
 def _console() -> Any:
@@ -223,31 +330,63 @@ def _console() -> Any:
         from rich.console import Console
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
-            "the command line needs rich: pip install 'aiocronlock[cli]'"
+            "the command line's tables need rich: pip install 'aiocronlock[cli]', or pass --json"
         ) from None
     return Console()
 
 
-def _lease_table(leases: Sequence[Any]) -> Any:
+def _history_json(runs: Sequence[JobRun], leases: Sequence[Lease]) -> str:
+    import json
+
+    def when(moment: datetime | None) -> str | None:
+        return None if moment is None else moment.isoformat()
+
+    return json.dumps(
+        {
+            "runs": [
+                {
+                    "id": run.id,
+                    "job": run.job_name,
+                    "tick": run.identifier,
+                    "worker": run.worker,
+                    "status": str(run.status),
+                    "started_at": when(run.started_at),
+                    "finished_at": when(run.finished_at),
+                    "duration_s": None if run.duration is None else run.duration.total_seconds(),
+                }
+                for run in runs
+            ],
+            "leases": [
+                {
+                    "job": lease.job_name,
+                    "held_by": lease.worker,
+                    "run": lease.holder_id,
+                    "lease_until": when(lease.lease_until),
+                    "live": lease.live,
+                }
+                for lease in leases
+            ],
+        },
+        indent=2,
+    )
+
+
+def _table(title: str) -> Any:
+    """A table that fits 80 columns: a rule under the header, two spaces between columns."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="leases of exclusive jobs", title_justify="left")
-    for column in ("job", "held by", "run", "lease until (UTC)", "state"):
-        table.add_column(column)
-    for lease in leases:
-        table.add_row(
-            lease.job_name,
-            lease.worker,
-            str(lease.holder_id),
-            lease.lease_until.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-            "[yellow]live[/]" if lease.live else "[dim]expired[/]",
-        )
-    return table
+    return Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
 
 
-def _history_table(runs: Sequence[Any], *, title: str) -> Any:
-    from rich.table import Table
-
+def _history_table(runs: Sequence[JobRun], *, where: str) -> Any:
     styles = {
         "FINISHED": "green",
         "FAILED": "red",
@@ -255,9 +394,23 @@ def _history_table(runs: Sequence[Any], *, title: str) -> Any:
         "LOST": "bold red",
         "SKIPPED": "dim",
     }
-    table = Table(title=title, title_justify="left")
-    for column in ("id", "job", "tick", "worker", "status", "started (UTC)", "duration"):
-        table.add_column(column, justify="right" if column in ("id", "duration") else "left")
+    days = {run.started_at.date() for run in runs}
+    # One day, the common case: the date goes in the title and a start is its time of day.
+    started = "%H:%M:%S.%f" if len(days) == 1 else "%Y-%m-%d %H:%M:%S.%f"
+    title = f"recent runs in {where}"
+    if len(days) == 1:
+        title += f", started on {days.pop():%Y-%m-%d} (UTC)"
+    table = _table(title)
+    # Ticks and start times stay whole (a tick of the default precision is 20
+    # characters, a start 12); long job and worker names fold instead.
+    short_ticks = all(len(run.identifier) <= 24 for run in runs)
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("job", overflow="fold")
+    table.add_column("tick", overflow="fold", no_wrap=short_ticks)
+    table.add_column("worker", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("started" if len(days) < 2 else "started (UTC)", no_wrap=len(days) < 2)
+    table.add_column("took", justify="right", no_wrap=True)
     for run in runs:
         duration = run.duration
         table.add_row(
@@ -266,9 +419,27 @@ def _history_table(runs: Sequence[Any], *, title: str) -> Any:
             run.identifier,
             run.worker,
             f"[{styles.get(run.status, 'white')}]{run.status}[/]",
-            run.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            run.started_at.strftime(started)[:-3],
             "-" if duration is None else f"{duration.total_seconds():.3f}s",
         )
     if not runs:
         table.caption = "no runs recorded yet"
+    return table
+
+
+def _lease_table(leases: Sequence[Lease]) -> Any:
+    table = _table("leases of exclusive jobs")
+    table.add_column("job", overflow="fold")
+    table.add_column("held by", overflow="fold")
+    table.add_column("run", justify="right", no_wrap=True)
+    table.add_column("lease until (UTC)")
+    table.add_column("state", no_wrap=True)
+    for lease in leases:
+        table.add_row(
+            lease.job_name,
+            lease.worker,
+            str(lease.holder_id),
+            lease.lease_until.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            "[yellow]live[/]" if lease.live else "[dim]expired[/]",
+        )
     return table

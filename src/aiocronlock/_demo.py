@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -21,12 +22,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ._engine import mask_url
+from ._cli import URL_ENV, WORKER_COMMAND
+from ._errors import TableMissingError
 from ._identifiers import precision
 from ._lock import current_lock
 from ._locker import AsyncDBLocker
 from ._scheduler import Scheduler
 from ._triggers import IntervalTrigger
+from ._urls import mask_url
 
 #: How long the worker processes may take to start before the demo gives up.
 STARTUP_LIMIT_SECONDS = 60.0
@@ -37,7 +40,14 @@ _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", 
 
 
 async def run_worker(
-    *, url: str, table: str, worker: str, jobs: int, interval: timedelta, until: float
+    *,
+    url: str,
+    table: str,
+    worker: str,
+    jobs: int,
+    interval: timedelta,
+    until: float,
+    call_timeout: timedelta,
 ) -> int:
     """One demo instance: schedule ``jobs`` jobs every ``interval`` until ``until``."""
     locker = AsyncDBLocker(
@@ -46,6 +56,7 @@ async def run_worker(
         table_name=table,
         clean_interval=None,
         identifier=precision(min(interval, timedelta(seconds=1))),
+        timeout=call_timeout,
     )
     scheduler = Scheduler(locker, grace_period=interval * 2)
     for number in range(1, jobs + 1):
@@ -125,15 +136,18 @@ async def run_demo(
     jobs: int,
     duration: timedelta,
     interval: timedelta,
+    call_timeout: timedelta,
     as_json: bool,
 ) -> int:
     step = interval.total_seconds()
     with contextlib.ExitStack() as cleanup:
+        temporary = url is None
         if url is None:
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="aiocronlock-"))
             url = f"sqlite:///{Path(folder) / 'demo.db'}"
-        locker = AsyncDBLocker(url, table_name=table, clean_interval=None)
+        locker = AsyncDBLocker(url, table_name=table, clean_interval=None, timeout=call_timeout)
         try:
+            created = not temporary and not await _has_table(locker)
             await locker.create_table()
             race = _Race(
                 jobs=[f"job-{n}" for n in range(1, jobs + 1)],
@@ -148,11 +162,11 @@ async def run_demo(
                     sys.executable,
                     "-m",
                     "aiocronlock",
-                    "--url",
-                    url,
+                    WORKER_COMMAND,
                     "--table",
                     table,
-                    "_demo-worker",
+                    "--timeout",
+                    f"{call_timeout.total_seconds()}s",
                     "--worker",
                     name,
                     "--jobs",
@@ -164,6 +178,8 @@ async def run_demo(
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
+                    # Not on the command line, where `ps` would show its password.
+                    env={**os.environ, URL_ENV: url},
                 )
                 for name in race.workers
             ]
@@ -194,6 +210,8 @@ async def run_demo(
                 failures.append(f"the workers did not all start within {STARTUP_LIMIT_SECONDS:g} s")
                 race.ticks = [time.time()]
             race.finished_rows = await _count_finished(locker, race)
+            if created:
+                await _drop_tables(locker)
         finally:
             await locker.aclose()
     summary = race.summary()
@@ -201,6 +219,16 @@ async def run_demo(
         print(json.dumps(summary))
     else:
         _show_summary(summary, failures)
+    if not temporary:
+        where = f"table {locker.table.name} on {mask_url(url)}"
+        if created:
+            note = f"the demo created {where} and dropped it again"
+        else:
+            note = (
+                f"the demo's runs ({', '.join(race.jobs)}) stay in {where}; "
+                "`aiocronlock prune` deletes them once they are old enough"
+            )
+        print(f"aiocronlock: {note}", file=sys.stderr)
     for failure in failures:
         print(f"aiocronlock: error: {failure}", file=sys.stderr)
     ok = summary["duplicates"] == 0 and summary["misses"] == 0 and not failures
@@ -261,6 +289,20 @@ async def _count_finished(locker: AsyncDBLocker, race: _Race) -> int:
         for run in runs
         if run.status == "FINISHED" and run.job_name in race.jobs and run.identifier in identifiers
     )
+
+
+async def _has_table(locker: AsyncDBLocker) -> bool:
+    try:
+        await locker.history(limit=1)
+    except TableMissingError:
+        return False
+    return True
+
+
+async def _drop_tables(locker: AsyncDBLocker) -> None:
+    """Drop the lock table the demo created, and its leases table."""
+    async with locker.engine.begin() as conn:
+        await conn.run_sync(lambda sync: locker.table.metadata.drop_all(sync, checkfirst=True))
 
 
 def _utc(tick: float) -> datetime:

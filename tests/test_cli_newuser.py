@@ -1,0 +1,358 @@
+"""The command line as a new user meets it: through the installed ``aiocronlock`` script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData, update
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from aiocronlock import AsyncDBLocker, lock_table
+from conftest import server_url
+
+SCRIPT = Path(sys.executable).with_name("aiocronlock")
+LONG_JOB = "nightly-report-for-the-accounting-department"
+LONG_WORKER = "worker-on-a-rather-long-hostname.example.internal:123456"
+
+
+def run(
+    *args: str, columns: int | None = 200, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``aiocronlock ARGS``, its output piped, as a script would run it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AIOCRONLOCK_URL", "COLUMNS")}
+    env["NO_COLOR"] = "1"
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    env.update(extra)
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("aiocronlock: error: ")
+    return line
+
+
+async def _record(url: str, runs: list[tuple[str, str]]) -> list[str]:
+    """Win and finish one tick per (job, worker), a second apart; return the identifiers."""
+    identifiers = []
+    base = datetime.now(UTC).replace(microsecond=0)
+    for i, (job, worker) in enumerate(runs):
+        async with AsyncDBLocker(url, worker=worker, clean_interval=None) as locker:
+            lock = await locker.lock(job, base - timedelta(seconds=i))
+            assert lock is not None
+            await lock.unlock()
+            identifiers.append(lock.identifier)
+    return identifiers
+
+
+async def _move_back(url: str, identifier: str, by: timedelta) -> None:
+    """Make one run look as if it had started ``by`` earlier."""
+    engine = create_async_engine(url.replace("sqlite://", "sqlite+aiosqlite://", 1))
+    table = lock_table(MetaData())
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(table)
+                .where(table.c.job_identifier == identifier)
+                .values(created_at=datetime.now(UTC) - by, updated_at=datetime.now(UTC) - by)
+            )
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'locks.db'}"
+    assert run("--url", url, "init").returncode == 0
+    return url
+
+
+# -- item 7: --version, the hidden worker command, the --url help --------------------------------
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"aiocronlock {version('aiocronlock')}"
+
+
+def test_an_unknown_command_lists_only_the_public_ones() -> None:
+    result = run("foo")
+    assert result.returncode == 2
+    assert "invalid choice: 'foo'" in result.stderr
+    for command in ("demo", "init", "history", "prune", "release"):
+        assert f"'{command}'" in result.stderr
+    assert "_demo-worker" not in result.stderr
+    assert "_demo-worker" not in run("--help").stdout
+
+
+def _url_help(command: str) -> str:
+    result = run(command, "--help", columns=1000)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    match = re.search(r"--url URL (.*?\))", text)
+    assert match, text
+    return match[1]
+
+
+@pytest.mark.parametrize("command", ["init", "history", "prune", "release"])
+def test_url_help_of_a_maintenance_command_does_not_mention_the_demo(command: str) -> None:
+    help_text = _url_help(command)
+    assert "demo" not in help_text
+    assert "SQLite file" not in help_text
+    assert "$AIOCRONLOCK_URL, else sqlite:///aiocronlock.db" in help_text
+
+
+def test_url_help_of_the_demo_says_it_uses_a_fresh_file() -> None:
+    help_text = _url_help("demo")
+    assert "$AIOCRONLOCK_URL" in help_text
+    assert "fresh SQLite file" in help_text
+    assert "aiocronlock.db" not in help_text
+
+
+# -- item 11: each command imports what it needs --------------------------------------------------
+
+
+def _imported(*args: str) -> set[str]:
+    result = run(*args, PYTHONPROFILEIMPORTTIME="1")
+    assert result.returncode == 0, result.stderr
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["history", "--help"]])
+def test_help_imports_neither_sqlalchemy_nor_rich(args: list[str]) -> None:
+    modules = _imported(*args)
+    assert "aiocronlock._cli" in modules  # the measure sees the package's own imports
+    assert {m for m in modules if m.split(".")[0] in ("sqlalchemy", "rich")} == set()
+
+
+def test_init_does_not_import_rich(tmp_path: Path) -> None:
+    modules = _imported("--url", f"sqlite:///{tmp_path / 'x.db'}", "init")
+    assert "sqlalchemy" in modules
+    assert {m for m in modules if m.split(".")[0] == "rich"} == set()
+
+
+def test_the_package_still_exports_every_name() -> None:
+    code = (
+        "import sys, aiocronlock\n"
+        "assert 'sqlalchemy' not in sys.modules, 'import aiocronlock loaded sqlalchemy'\n"
+        "from aiocronlock import *\n"
+        "missing = [n for n in aiocronlock.__all__ if n not in globals()]\n"
+        "assert missing == [], missing\n"
+        "assert aiocronlock.__all__ == sorted(aiocronlock.__all__)\n"
+        "assert set(aiocronlock.__all__) <= set(dir(aiocronlock))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_default_table_name_matches_the_schema() -> None:
+    from aiocronlock._cli import DEFAULT_TABLE
+    from aiocronlock._schema import DEFAULT_TABLE_NAME
+
+    assert DEFAULT_TABLE == DEFAULT_TABLE_NAME
+
+
+# -- item 8: history fits 80 columns; --json ------------------------------------------------------
+
+
+def _assert_fits(output: str, identifiers: list[str], width: int = 80) -> None:
+    lines = output.splitlines()
+    assert max(len(line) for line in lines) <= width, output
+    for identifier in identifiers:
+        assert any(identifier in line for line in lines), (identifier, output)
+
+
+@pytest.mark.parametrize("columns", [None, 80], ids=["piped", "80-columns"])
+def test_history_fits_80_columns_and_keeps_times_whole(url: str, columns: int | None) -> None:
+    identifiers = asyncio.run(
+        _record(url, [(LONG_JOB, LONG_WORKER), ("heartbeat", "pod-a"), ("x", LONG_WORKER)])
+    )
+    result = run("--url", url, "history", columns=columns)
+    assert result.returncode == 0, result.stderr
+    _assert_fits(result.stdout, identifiers)
+    runs = json.loads(run("--url", url, "history", "--json").stdout)["runs"]
+    for shown in runs:
+        started = datetime.fromisoformat(shown["started_at"])
+        assert started.strftime("%H:%M:%S.%f")[:-3] in result.stdout
+        assert f"{shown['duration_s']:.3f}s" in result.stdout
+    assert started.strftime("%Y-%m-%d") in " ".join(result.stdout.split())  # the day, once
+    # Long names fold onto more lines rather than being cut.
+    assert result.stdout.count("FINISHED") == 3
+    assert "…" not in result.stdout
+
+
+def test_history_over_several_days_shows_each_date(url: str) -> None:
+    identifiers = asyncio.run(_record(url, [("a", "pod-a"), ("b", "pod-b")]))
+    asyncio.run(_move_back(url, identifiers[1], timedelta(days=3)))
+    result = run("--url", url, "history", columns=None)
+    assert result.returncode == 0, result.stderr
+    _assert_fits(result.stdout, identifiers)
+    runs = json.loads(run("--url", url, "history", "--json").stdout)["runs"]
+    assert len({run["started_at"][:10] for run in runs}) == 2
+    for shown in runs:
+        started = datetime.fromisoformat(shown["started_at"])
+        assert started.strftime("%Y-%m-%d") in result.stdout
+        assert started.strftime("%H:%M:%S.%f")[:-3] in result.stdout
+
+
+def test_history_json_is_for_scripts(url: str) -> None:
+    identifiers = asyncio.run(_record(url, [("report", "pod-a"), ("heartbeat", "pod-b")]))
+    result = run("--url", url, "history", "--json", "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["leases"] == []
+    runs = document["runs"]
+    assert [r["tick"] for r in runs] == identifiers[::-1]  # newest first
+    assert [(r["job"], r["worker"], r["status"]) for r in runs] == [
+        ("heartbeat", "pod-b", "FINISHED"),
+        ("report", "pod-a", "FINISHED"),
+    ]
+    for r in runs:
+        started = datetime.fromisoformat(r["started_at"])
+        finished = datetime.fromisoformat(r["finished_at"])
+        assert started.tzinfo is not None
+        assert r["duration_s"] == pytest.approx((finished - started).total_seconds())
+    only = json.loads(run("--url", url, "history", "--json", "--job", "report").stdout)
+    assert [r["job"] for r in only["runs"]] == ["report"]
+    empty = json.loads(run("--url", url, "history", "--json", "--job", "nope").stdout)
+    assert empty == {"runs": [], "leases": []}
+
+
+# -- item 9: --timeout ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers: every call times out."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_timeout_names_the_option_that_changes_it(silent_server: int, where: str) -> None:
+    url = f"postgresql://bob@127.0.0.1:{silent_server}/db"
+    args = ["--url", url, "history"]
+    args = ["--timeout", "0.5s", *args] if where == "before" else [*args, "--timeout", "500ms"]
+    started = time.monotonic()
+    line = _error_line(run(*args))
+    assert time.monotonic() - started < 4.5  # the default would wait 5 s
+    assert line.startswith("aiocronlock: error: history() on postgresql+asyncpg://bob@")
+    assert line.endswith(
+        "check that the database is reachable, or allow more with --timeout (now 500ms)"
+    )
+    assert "locker's timeout" not in line
+
+
+@pytest.mark.parametrize(
+    ("value", "why"), [("0", "a duration must be positive"), ("soon", "is not a duration")]
+)
+def test_a_bad_timeout_is_a_usage_error(value: str, why: str) -> None:
+    result = run("--timeout", value, "history")
+    assert result.returncode == 2
+    assert f"argument --timeout: '{value}'" in result.stderr
+    assert why in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- item 10: prune's durations, release of an unknown job, demo on a server ----------------------
+
+
+@pytest.mark.parametrize(
+    ("ttl", "shown"),
+    [("7d", "7d"), ("1w", "7d"), ("90m", "1h30m"), ("36h", "1d12h"), ("90", "1m30s")],
+)
+def test_prune_prints_durations_as_it_reads_them(url: str, ttl: str, shown: str) -> None:
+    result = run("--url", url, "prune", "--ttl", ttl)
+    assert result.returncode == 0, result.stderr
+    assert f"older than {shown} from" in result.stdout
+    assert "day" not in result.stdout
+    assert ":00" not in result.stdout
+
+
+def test_release_of_a_job_that_never_ran_fails(url: str) -> None:
+    asyncio.run(_record(url, [("report", "pod-a")]))
+    line = _error_line(run("--url", url, "release", "nope", "--yes"))
+    assert "'nope'" in line
+    assert "aiocronlock history" in line
+
+    known = run("--url", url, "release", "report", "--yes")  # ran, but holds no lease
+    assert known.returncode == 0, known.stderr
+    assert "holds no live lease: nothing to release" in known.stdout
+
+
+async def _table_exists(url: str, table: str) -> bool:
+    async with AsyncDBLocker(url, table_name=table, clean_interval=None) as locker:
+        try:
+            await locker.history(limit=1)
+        except Exception as error:
+            assert "does not exist" in str(error)
+            return False
+        return True
+
+
+@pytest.mark.slow
+def test_demo_on_a_server_drops_the_table_it_created() -> None:
+    url = server_url("postgresql").replace("+asyncpg", "")
+    table = f"demo_{uuid.uuid4().hex[:12]}"
+    args = ["demo", "--url", url, "--table", table, "--workers", "2", "--jobs", "1"]
+    result = run(*args, "--duration", "2s", "--json", timeout=90)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert f"created table {table}" in result.stderr
+    assert "dropped it" in result.stderr
+    assert not asyncio.run(_table_exists(url, table))
+
+
+@pytest.mark.slow
+def test_demo_on_an_existing_table_says_its_runs_stay() -> None:
+    url = server_url("postgresql").replace("+asyncpg", "")
+    table = f"demo_{uuid.uuid4().hex[:12]}"
+    assert run("--url", url, "--table", table, "init").returncode == 0
+    try:
+        args = ["demo", "--url", url, "--table", table, "--workers", "2", "--jobs", "1"]
+        result = run(*args, "--duration", "2s", "--json", timeout=90)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert f"stay in table {table}" in result.stderr
+        assert asyncio.run(_table_exists(url, table))
+    finally:
+        asyncio.run(_drop(url, table))
+
+
+async def _drop(url: str, table: str) -> None:
+    locker = AsyncDBLocker(url, table_name=table, clean_interval=None)
+    try:
+        async with locker.engine.begin() as conn:
+            await conn.run_sync(locker.table.metadata.drop_all)
+    finally:
+        await locker.aclose()
