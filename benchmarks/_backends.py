@@ -51,10 +51,13 @@ class Backend:
         assert self.name == "sqlite" and database
         return database
 
-    def locker(self, table: str | None = None, **kwargs: Any) -> AsyncDBLocker:
-        """A locker built from the URL: the documented fast path, owning its engine."""
+    def locker(
+        self, table: str | None = None, *, engine: AsyncEngine | None = None, **kwargs: Any
+    ) -> AsyncDBLocker:
+        """A locker built from the URL, or given ``engine`` (a user's own)."""
         kwargs.setdefault("clean_interval", None)
-        return AsyncDBLocker(self.url, table_name=table or self.table, worker=WORKER, **kwargs)
+        target = self.url if engine is None else engine
+        return AsyncDBLocker(target, table_name=table or self.table, worker=WORKER, **kwargs)
 
     def engine(self, **kwargs: Any) -> AsyncEngine:
         """A plain SQLAlchemy engine on this database (setup, teardown, the ORM contender)."""

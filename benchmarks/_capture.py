@@ -7,6 +7,7 @@ rebinds fresh job names and identifiers into the same positions for the raw driv
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,9 +54,23 @@ class Statement:
         return tuple(params)
 
 
+class _SentByLocker(logging.Handler):
+    """The acquire statements a locker sends through the driver (``aiocronlock.sql``)."""
+
+    def __init__(self, seen: list[tuple[str, Any]]) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        assert isinstance(record.args, tuple)
+        sql, parameters = record.args
+        self.seen.append((str(sql), parameters))
+
+
 @contextmanager
 def captured(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
-    """Record ``(sql, parameters)`` of every statement ``engine`` sends while inside."""
+    """Record ``(sql, parameters)`` of every statement ``engine`` sends while inside,
+    through SQLAlchemy or through a locker's acquire path."""
     seen: list[tuple[str, Any]] = []
 
     def record(
@@ -63,11 +78,17 @@ def captured(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
     ) -> None:
         seen.append((statement, parameters))
 
+    sql_log = logging.getLogger("aiocronlock.sql")
+    level, handler = sql_log.level, _SentByLocker(seen)
+    sql_log.setLevel(logging.DEBUG)
+    sql_log.addHandler(handler)
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
+        sql_log.removeHandler(handler)
+        sql_log.setLevel(level)
 
 
 def only_insert(seen: list[tuple[str, Any]]) -> tuple[str, Any]:

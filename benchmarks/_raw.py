@@ -156,8 +156,62 @@ class SQLiteClient:
             await conn.close()
 
 
+class Dedicated:
+    """The floor: the driver on one connection of its own, no pool, in autocommit."""
+
+    def __init__(self, backend: str, connection: Any) -> None:
+        self._backend = backend
+        self._connection = connection
+
+    @classmethod
+    async def open(cls, backend: Backend) -> Dedicated:
+        u = make_url(backend.url)
+        connection: Any
+        if backend.name == "postgresql":
+            connection = await asyncpg.connect(
+                host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
+            )
+        elif backend.name == "mysql":
+            connection = await asyncmy.connect(
+                host=u.host or "127.0.0.1",
+                port=u.port or 3306,
+                user=u.username,
+                password=u.password or "",
+                db=u.database,
+                charset="utf8mb4",
+                autocommit=True,
+            )
+        else:
+            connection = await aiosqlite.connect(
+                backend.sqlite_path, timeout=SQLITE_TIMEOUT_S, isolation_level=None
+            )
+            await connection.execute("PRAGMA journal_mode=WAL")
+        return cls(backend.name, connection)
+
+    async def insert_returning_id(self, sql: str, params: Sequence[Any]) -> int | None:
+        conn = self._connection
+        if self._backend == "postgresql":
+            row_id: int | None = await conn.fetchval(sql, *params)
+            return row_id
+        if self._backend == "mysql":
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params)
+                return cursor.lastrowid or None
+        rows = await conn.execute_fetchall(sql, params)
+        return rows[0][0] if rows else None
+
+    async def insert_rows(self, sql: str, params: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        if self._backend == "mysql":
+            await self._connection.ensure_closed()
+        else:
+            await self._connection.close()
+
+
 async def open_raw(backend: Backend, size: int = 1) -> RawClient:
-    """A raw-driver client on ``backend`` holding ``size`` connections."""
+    """A raw-driver client on ``backend`` holding ``size`` connections in a pool."""
     if backend.name == "postgresql":
         return await PostgresClient.open(backend.url, size)
     if backend.name == "mysql":

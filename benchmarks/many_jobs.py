@@ -18,10 +18,8 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from aiocronlock import AsyncDBLocker, precision
-from aiocronlock._driver import MANY_CHUNK
 
 from ._backends import Backend
 from ._capture import Statement, captured
@@ -44,15 +42,6 @@ async def capture_many(locker: AsyncDBLocker, jobs: int, run_time: datetime) -> 
     if len(won) != jobs:
         raise RuntimeError(f"the sentinel jobs were taken: won {len(won)} of {jobs}")
     sentinels = {name: f"job{i}" for i, name in enumerate(names)} | {identifier: "ident"}
-    driver_path = locker._driver_acquire
-    if driver_path is not None and driver_path.decides_many and jobs <= MANY_CHUNK:
-        # A URL-built locker sends it through the driver, past SQLAlchemy's events:
-        # take the compiled statement and its arguments from the locker.
-        compiled = driver_path._compiled_for(jobs)
-        bound: list[Any] = [locker.worker]
-        for name in names:
-            bound += driver_path._row_values(name, identifier)
-        return Statement.from_capture(compiled.sql, compiled.arguments(bound), sentinels)
     inserts = [(sql, p) for sql, p in seen if sql.lstrip().upper().startswith("INSERT")]
     if len(inserts) == 1:
         return Statement.from_capture(inserts[0][0], inserts[0][1], sentinels)

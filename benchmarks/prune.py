@@ -552,7 +552,7 @@ async def run(
     library's); ``disk_probe_dir``, the disk probe's folder (see ``disk_probe_directory``)."""
     table = f"{backend.table}_prune"
     live = max(1, expired // 100)
-    options = {} if batch_size is None else {"clean_batch_size": batch_size}
+    options: dict[str, Any] = {} if batch_size is None else {"clean_batch_size": batch_size}
     locker = backend.locker(table=table, ttl=TTL, **options)
     timer: StatementTimer | None = None
     commits: CommitProbe | None = None

@@ -7,15 +7,17 @@ locker's own, made with :meth:`Pool.recreate` from the engine's pool (same URL,
 connect arguments and ``connect`` events), so a user's pool never lends one. An
 in-memory SQLite database has one connection, which is shared instead.
 
-Each kept connection has a worker task; a call hands its statement to the workers
-through a queue and awaits a future (the shape of aiosqlite's thread bridge). A
-caller that is cancelled leaves its statement to finish in the worker: the caller
-still learns whether a row went in (:meth:`Submission.outcome`), and marks it FAILED.
+A call runs in its caller's task, bounded by ``asyncio.timeout``: no task, queue or
+shield per call, as those cost as much as a lost race's whole round trip on a local
+PostgreSQL. A caller cancelled mid-statement cannot learn whether its row went in;
+the locker then records the tick FAILED with one upsert (``Statements.abandon``),
+which works whether the INSERT landed, is still on its way, or never left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -105,55 +107,17 @@ def _refused(error: BaseException) -> bool:
     )
 
 
-class Submission:
-    """One statement handed to the workers: the caller awaits :attr:`answer`."""
-
-    __slots__ = ("_late", "answer", "arguments", "deadline", "result", "rows", "settled", "sql")
-
-    def __init__(
-        self, sql: str, arguments: Any, rows: bool, deadline: float, answer: asyncio.Future[Any]
-    ) -> None:
-        self.sql = sql
-        self.arguments = arguments
-        self.rows = rows
-        self.deadline = deadline
-        self.answer = answer
-        self.settled = False
-        self.result: Any = None
-        self._late: asyncio.Future[Any] | None = None
-
-    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        """Record the outcome; for the caller if it still waits, else for :meth:`outcome`."""
-        self.settled = True
-        answer = self.answer
-        if not answer.done():
-            if error is None:
-                answer.set_result(result)
-            else:
-                answer.set_exception(error)
-            return
-        self.result = error if error is not None else result
-        late = self._late
-        if late is not None and not late.done():
-            late.set_result(self.result)
-
-    async def outcome(self) -> Any:
-        """The statement's result, or its error as a value, once it has run; for a
-        caller that gave up waiting on :attr:`answer` (or never awaited it)."""
-        answer = self.answer
-        if not answer.cancelled():
-            try:
-                return await answer
-            except Exception as error:
-                return error
-        if not self.settled:
-            self._late = asyncio.get_running_loop().create_future()
-            await self._late
-        return self.result
+#: Where a kept connection holds its prepared acquire (asyncmy): a pooled connection's
+#: ``info`` lasts as long as its driver connection.
+_PREPARED = "aiocronlock prepared acquire"
 
 
 class Acquirer:
-    """Sends the acquire statements of one locker on connections kept for them."""
+    """Sends the acquire statements of one locker on connections kept for them.
+
+    A call runs in its caller's task, within the timeout; a connection whose state a
+    timeout or a cancellation left unknown is closed, not reused.
+    """
 
     def __init__(self, engine: AsyncEngine, statements: Statements, *, timeout: float) -> None:
         self._engine = engine
@@ -172,13 +136,13 @@ class Acquirer:
         self._most = 1 if self._shared or statements.dialect_name == "sqlite" else MAX_CONNECTIONS
         self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Submission | None] = asyncio.Queue()
-        self._workers: set[asyncio.Task[None]] = set()
-        self._idle_workers = 0
-        # Connections being closed after an error.
+        self._slots = asyncio.Semaphore(self._most)
+        # Connections not in use, with when each was last used; the newest last.
+        self._idle: list[tuple[PoolProxiedConnection, float]] = []
+        # Connections open now, in use or idle.
+        self._open = 0
+        # Connections being closed after an error, for aclose() to wait on.
         self._closing: set[asyncio.Future[None]] = set()
-        # Connections of workers that have stopped, for aclose() to close politely.
-        self._retired: list[PoolProxiedConnection] = []
         self._closed = False
 
     @property
@@ -189,26 +153,26 @@ class Acquirer:
 
     @property
     def connections(self) -> int:
-        """How many connections are kept for acquiring now (at most one per worker)."""
-        return len(self._workers)
+        """How many connections the locker keeps for acquiring now."""
+        return self._open
 
-    # -- submitting ---------------------------------------------------------------------
+    # -- calls ----------------------------------------------------------------------------
 
-    def acquire(self, job_name: str, identifier: str, worker: str) -> Submission:
-        """Send the one-row INSERT; the answer is the new row's id, or None if taken."""
+    async def acquire(self, job_name: str, identifier: str, worker: str) -> int | None:
+        """Send the one-row INSERT: the new row's id, or None when the tick is taken."""
         values = (
             (job_name.encode(), identifier.encode(), worker)
             if self._encode
             else (job_name, identifier, worker)
         )
-        return self._submit(self._one.sql, self._one.arguments(values), rows=False)
+        result: int | None = await self._call(self._one.sql, self._one.arguments(values), False)
+        return result
 
-    def acquire_many(
-        self, names: Sequence[str], identifiers: Sequence[str], worker: str
-    ) -> list[Submission]:
-        """Send one multi-row INSERT per ``MANY_CHUNK`` jobs; each answer is the list of
-        ``(id, job_name)`` rows it won."""
-        submissions = []
+    async def acquire_many(
+        self, names: Sequence[str], identifiers: Sequence[str], worker: str, won: dict[str, int]
+    ) -> None:
+        """One multi-row INSERT per ``MANY_CHUNK`` jobs, adding the ids won to ``won`` by
+        job as each returns: if a later one fails, the caller still knows the earlier."""
         for start in range(0, len(names), MANY_CHUNK):
             chunk = range(start, min(start + MANY_CHUNK, len(names)))
             compiled = self._many.get(len(chunk))
@@ -223,84 +187,49 @@ class Acquirer:
                     values += (name.encode(), identifier.encode())
                 else:
                     values += (name, identifier)
-            submissions.append(self._submit(compiled.sql, compiled.arguments(values), rows=True))
-        return submissions
+            for row_id, name in await self._call(compiled.sql, compiled.arguments(values), True):
+                won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
 
-    def _submit(self, sql: str, arguments: Any, *, rows: bool) -> Submission:
+    async def _call(self, sql: str, arguments: Any, rows: bool) -> Any:
         if self._closed:
             raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._move_to(loop)
-        submission = Submission(
-            sql, arguments, rows, loop.time() + self._timeout, loop.create_future()
-        )
-        self._queue.put_nowait(submission)
-        if not self._idle_workers and len(self._workers) < self._most:
-            worker = loop.create_task(self._work(), name="aiocronlock acquire")
-            self._workers.add(worker)
-            worker.add_done_callback(self._workers.discard)
-        return submission
+        if asyncio.get_running_loop() is not self._loop:
+            self._move_to(asyncio.get_running_loop())
+        pooled: PoolProxiedConnection | None = None
+        try:
+            async with asyncio.timeout(self._timeout), self._slots:
+                pooled = self._take()
+                if pooled is None:
+                    pooled = await self._connect()
+                result = await self._send(pooled, sql, arguments, rows)
+        except BaseException as error:
+            if pooled is not None:
+                if _refused(error):
+                    self._idle.append((pooled, time.monotonic()))
+                else:
+                    self._discard(pooled, error)
+            raise
+        self._idle.append((pooled, time.monotonic()))
+        return result
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start afresh in a new event loop: what belonged to the old one cannot be used
-        (one ``asyncio.run`` after another)."""
+        """Start afresh in a new event loop: connections of the old one cannot be used
+        there (one ``asyncio.run`` after another)."""
         self._loop = loop
-        self._queue = asyncio.Queue()
-        self._workers = set()
-        self._idle_workers = 0
+        self._slots = asyncio.Semaphore(self._most)
+        self._idle = []
+        self._open = 0
         pool = self._engine.sync_engine.pool
         self._pool = pool if self._shared else pool.recreate()
 
-    # -- the workers --------------------------------------------------------------------
-
-    async def _work(self) -> None:
-        """Take statements from the queue and send them on this worker's connection."""
-        queue = self._queue
-        pooled: PoolProxiedConnection | None = None
-        prepared: Any = None  # asyncmy: the acquire, prepared on this connection
-        last_used = 0.0
-        try:
-            while True:
-                self._idle_workers += 1
-                try:
-                    submission = await queue.get()
-                finally:
-                    self._idle_workers -= 1
-                if submission is None:
-                    return
-                if submission.answer.cancelled() and not submission.settled:
-                    submission.settle()  # given up before it was sent: no row
-                    continue
-                try:
-                    async with asyncio.timeout_at(submission.deadline):
-                        if pooled is not None and not self._usable(pooled, last_used):
-                            self._discard(pooled, None)
-                            pooled, prepared = None, None
-                        if pooled is None:
-                            pooled = await self._connect()
-                        result, prepared = await self._send(pooled, submission, prepared)
-                except asyncio.CancelledError:
-                    # This worker was cancelled (the loop is shutting down): not the
-                    # deadline, which raises TimeoutError.
-                    if not submission.settled:
-                        submission.settle(error=RuntimeError("the locker was closed"))
-                    raise
-                except BaseException as error:
-                    # A statement the server refused leaves the connection as it was;
-                    # after a timeout or a lost connection its state is unknown.
-                    if pooled is not None and not _refused(error):
-                        self._discard(pooled, error)
-                        pooled, prepared = None, None
-                    submission.settle(error=error)
-                    if not isinstance(error, Exception):
-                        raise
-                    continue
-                last_used = time.monotonic()
-                submission.settle(result)
-        finally:
-            if pooled is not None:
-                self._retired.append(pooled)
+    def _take(self) -> PoolProxiedConnection | None:
+        """The most recently used idle connection that is still usable, if any."""
+        while self._idle:
+            pooled, last_used = self._idle.pop()
+            if self._usable(pooled, last_used):
+                return pooled
+            self._discard(pooled, None)
+        return None
 
     def _usable(self, pooled: PoolProxiedConnection, last_used: float) -> bool:
         """Whether a kept connection may be used: not closed by the server (its driver
@@ -317,6 +246,7 @@ class Acquirer:
     async def _connect(self) -> PoolProxiedConnection:
         assert self._pool is not None
         pooled = await greenlet_spawn(self._pool.connect)
+        self._open += 1
         try:
             connection: Any = pooled.driver_connection
             # The statements commit alone, like SQLAlchemy's AUTOCOMMIT; a user's engine
@@ -331,35 +261,34 @@ class Acquirer:
         return pooled
 
     async def _send(
-        self, pooled: PoolProxiedConnection, submission: Submission, prepared: Any
-    ) -> tuple[Any, Any]:
-        """Run one statement; the new id (or None), or every row for ``rows``."""
-        sql, arguments, rows = submission.sql, submission.arguments, submission.rows
+        self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool
+    ) -> Any:
+        """Run one statement: the new id (or None), or every row for ``rows``."""
         if sql_logger.isEnabledFor(logging.DEBUG):
             sql_logger.debug("%s %r", sql, arguments)
-        connection = pooled.driver_connection
-        assert connection is not None
+        connection: Any = pooled.driver_connection
         driver = self._driver
         if driver == "asyncpg":
             if rows:
-                return await connection.fetch(sql, *arguments), prepared
-            return await connection.fetchval(sql, *arguments), prepared
+                return await connection.fetch(sql, *arguments)
+            return await connection.fetchval(sql, *arguments)
         if driver == "asyncmy":
             if not rows:
                 # Prepared once per connection: the server then does not parse it on
                 # every tick. Only this statement, as the server counts prepared
                 # statements against one limit for all connections.
+                prepared = pooled.info.get(_PREPARED)
                 if prepared is None:
-                    prepared = await connection.prepare(_qmark(sql))
-                return (await prepared.execute(arguments)).insert_id or None, prepared
+                    prepared = pooled.info[_PREPARED] = await connection.prepare(_qmark(sql))
+                return (await prepared.execute(arguments)).insert_id or None
             async with connection.cursor() as cursor:
                 with mysql_duplicates_quiet():  # INSERT IGNORE: a warning per taken tick
                     await cursor.execute(sql, arguments)
-                return await cursor.fetchall(), prepared
+                return await cursor.fetchall()
         if driver == "aiosqlite":
             fetched = await connection.execute_fetchall(sql, arguments)
-            return (fetched if rows else (fetched[0][0] if fetched else None)), prepared
-        return await greenlet_spawn(self._send_dbapi, pooled, sql, arguments, rows), prepared
+            return fetched if rows else (fetched[0][0] if fetched else None)
+        return await greenlet_spawn(self._send_dbapi, pooled, sql, arguments, rows)
 
     def _send_dbapi(
         self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool
@@ -380,6 +309,7 @@ class Acquirer:
     def _discard(self, pooled: PoolProxiedConnection, error: BaseException | None) -> None:
         """Close a connection whose state is unknown, in the background: the caller
         need not wait for the driver's polite close (aclose() waits for it)."""
+        self._open -= 1
         if self._shared:
             return  # the engine's only connection: the engine decides its fate
         closing = asyncio.ensure_future(greenlet_spawn(pooled.invalidate, error))
@@ -391,25 +321,23 @@ class Acquirer:
         if not closing.cancelled() and closing.exception() is not None:
             logger.debug("closing a connection failed: %r", closing.exception())
 
-    # -- closing ------------------------------------------------------------------------
-
     async def aclose(self) -> None:
-        """Stop the workers (a statement under way finishes first, within its deadline)
-        and close their connections."""
+        """Close the kept connections; calls still under way end within their timeout."""
         self._closed = True
-        workers = [w for w in self._workers if w.get_loop() is asyncio.get_running_loop()]
-        for _ in workers:
-            self._queue.put_nowait(None)
-        if workers:
-            await asyncio.wait(workers)
-        while not self._queue.empty():
-            left = self._queue.get_nowait()
-            if left is not None and not left.settled:
-                left.settle(error=RuntimeError("the locker was closed"))
+        if self._loop is not asyncio.get_running_loop():
+            return  # they belonged to another event loop, gone by now
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):  # calls under way finish first
+                for _ in range(self._most):
+                    await self._slots.acquire()
+        idle, self._idle = self._idle, []
+        for pooled, _ in idle:
+            self._open -= 1
+            if self._shared:
+                pooled.close()
+            else:
+                await greenlet_spawn(pooled.close)  # back to the locker's own pool
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=self._timeout)
-        retired, self._retired = self._retired, []
-        for pooled in retired:
-            await greenlet_spawn(pooled.close)  # back to the locker's own pool
         if self._pool is not None and not self._shared:
             await greenlet_spawn(self._pool.dispose)

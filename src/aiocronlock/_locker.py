@@ -28,7 +28,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._acquire import Acquirer, Submission
+from ._acquire import Acquirer
 from ._cleaner import DEFAULT_CLEAN_BATCH_SIZE, Cleaner
 from ._clock import SYSTEM_CLOCK, Clock
 from ._engine import create_engine_from_url, parse_url
@@ -284,13 +284,15 @@ class AsyncDBLocker:
         """
         overlap = False
         if lease is None:
-            submission = self._acquirer.acquire(job_name, identifier, self.worker)
             try:
-                row_id: int | None = await submission.answer
+                row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
             except asyncio.CancelledError:
-                await self._abandon(_row_of(submission), job_name, identifier, exclusive=False)
+                await asyncio.shield(self._in_background(self._abandon(job_name, identifier)))
                 raise
             except Exception as error:
+                if isinstance(error, TimeoutError):
+                    # The INSERT may still land; record the tick FAILED, in the background.
+                    self._in_background(self._abandon(job_name, identifier))
                 raise self.store.error(error, f"lock({job_name!r})") from error
         else:
             deciding = asyncio.ensure_future(
@@ -299,45 +301,58 @@ class AsyncDBLocker:
             try:
                 row_id, overlap = await asyncio.shield(deciding)
             except asyncio.CancelledError:
-                await self._abandon(_first(deciding), job_name, identifier, exclusive=True)
+                abandon = self._abandon_exclusive(deciding, job_name, identifier)
+                await asyncio.shield(self._in_background(abandon))
                 raise
         return self._decided(job_name, identifier, run_time, row_id, overlap, lease)
 
-    async def _abandon(
-        self, outcome: Awaitable[int | None], job_name: str, identifier: str, *, exclusive: bool
-    ) -> None:
-        """After a cancelled lock(): wait for the insert, and mark a row won FAILED.
-
-        In a task of its own, so that a second cancel of the caller does not stop it.
-        """
-
-        async def abandon() -> None:
-            try:
-                row_id = await outcome
-                if row_id is not None:
-                    release = job_name if exclusive else None
-                    await self.store.finish(row_id, Status.FAILED, release_job=release)
-                    logger.info(
-                        "lock(%r) was cancelled after winning %s; its row %d is marked FAILED",
-                        job_name,
-                        identifier,
-                        row_id,
-                    )
-            except Exception as error:
-                logger.warning(
-                    "lock(%r) was cancelled and its outcome for %s is unknown: %s",
+    async def _abandon(self, job_name: str, identifier: str) -> None:
+        """After lock() was cancelled or timed out mid-INSERT: record the tick FAILED."""
+        try:
+            if await self.store.abandon(job_name, identifier, self.worker):
+                logger.info(
+                    "lock(%r) was cancelled after winning %s, or before its INSERT arrived: "
+                    "the tick is recorded FAILED",
                     job_name,
                     identifier,
-                    error,
                 )
+        except Exception as error:
+            logger.warning(
+                "lock(%r) was cancelled and its outcome for %s is unknown: %s",
+                job_name,
+                identifier,
+                error,
+            )
 
-        await self._outlive_caller(abandon())
+    async def _abandon_exclusive(
+        self, deciding: Awaitable[tuple[int | None, bool]], job_name: str, identifier: str
+    ) -> None:
+        """After a cancelled exclusive lock(): wait for it, and mark a row won FAILED."""
+        try:
+            row_id, _ = await deciding
+            if row_id is not None:
+                await self.store.finish(row_id, Status.FAILED, release_job=job_name)
+                logger.info(
+                    "lock(%r) was cancelled after winning %s; its row %d is marked FAILED",
+                    job_name,
+                    identifier,
+                    row_id,
+                )
+        except Exception as error:
+            logger.warning(
+                "lock(%r) was cancelled and its outcome for %s is unknown: %s",
+                job_name,
+                identifier,
+                error,
+            )
 
-    async def _outlive_caller(self, work: Awaitable[None]) -> None:
+    def _in_background(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        """Run ``work`` in a task of its own, which aclose() waits for; a caller awaits
+        it through ``asyncio.shield``, so that a second cancel leaves it running."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
+        return task
 
     def _decided(
         self,
@@ -432,7 +447,7 @@ class AsyncDBLocker:
                 won, _ = await deciding
                 await self._fail_rows(won, "lock_many() was cancelled")
 
-            await self._outlive_caller(abandon())
+            await asyncio.shield(self._in_background(abandon()))
             raise
         if error is not None:
             await self._fail_rows(won, "lock_many() failed part-way")
@@ -473,15 +488,11 @@ class AsyncDBLocker:
             except BackendError as failed:
                 return {}, failed.__cause__ or failed
         won: dict[str, int] = {}
-        first_error: BaseException | None = None
-        for submission in self._acquirer.acquire_many(names, values, self.worker):
-            result = await submission.outcome()
-            if isinstance(result, BaseException):
-                first_error = first_error or result
-                continue
-            for row_id, name in result:
-                won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
-        return won, first_error
+        try:
+            await self._acquirer.acquire_many(names, values, self.worker, won)
+        except Exception as error:
+            return won, error
+        return won, None
 
     async def _fail_rows(self, won: dict[str, int], why: str) -> None:
         """Mark rows won but never to be run FAILED, one by one, as far as possible."""
@@ -600,15 +611,3 @@ class AsyncDBLocker:
             f"AsyncDBLocker({self.store.target!r}, worker={self.worker!r}, "
             f"identifier={strategy}, table={self.table.fullname!r})"
         )
-
-
-async def _row_of(submission: Submission) -> int | None:
-    """The row an acquire won, once it has run; its error, raised."""
-    result = await submission.outcome()
-    if isinstance(result, BaseException):
-        raise result
-    return result  # type: ignore[no-any-return]
-
-
-async def _first(deciding: Awaitable[tuple[int | None, bool]]) -> int | None:
-    return (await deciding)[0]

@@ -24,7 +24,9 @@ from sqlalchemy import (
     Table,
     TextClause,
     Update,
+    and_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -162,6 +164,38 @@ class Statements:
             self.acquire = mysql.insert(table).values(row).on_duplicate_key_update(id=c.id)
         else:
             self.acquire = self._skipping_taken(row).returning(c.id)
+
+        #: After a lock() was cancelled or timed out mid-INSERT, whatever became of it:
+        #: the tick recorded FAILED. It updates the row if that INSERT landed, waits for
+        #: it on the unique key if it is still on its way, and takes the key as FAILED
+        #: if it never arrives (a tick nobody runs either way); another worker's row is
+        #: left alone.
+        failed = {**row, "status": Status.FAILED.value}
+        ours = and_(c.worker == bindparam("worker"), c.status == Status.RUNNING.value)
+        if dialect_name in MYSQL_DIALECTS:
+            self.abandon: Insert = (
+                mysql.insert(table)
+                .values(failed)
+                .on_duplicate_key_update(
+                    [  # in this order: the first assignment still sees the old status
+                        ("updated_at", case((ours, now), else_=c.updated_at)),
+                        ("status", case((ours, Status.FAILED.value), else_=c.status)),
+                    ]
+                )
+            )
+        else:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+            self.abandon = (
+                insert(table)
+                .values(failed)
+                .on_conflict_do_update(
+                    index_elements=[c.job_name, c.job_identifier],
+                    set_={"status": Status.FAILED.value, "updated_at": now},
+                    where=ours,
+                )
+            )
 
         self._now = now
         self.finish: Update = (

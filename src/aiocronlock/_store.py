@@ -106,6 +106,16 @@ class Store:
 
         await self.run(f"unlock(id={lock_id})", update)
 
+    async def abandon(self, job_name: str, identifier: str, worker: str) -> bool:
+        """Record as FAILED a tick whose acquire was interrupted (see
+        ``Statements.abandon``); False when another worker has it."""
+        params = {"job_name": job_name, "job_identifier": identifier, "worker": worker}
+
+        async def abandon(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(self.sql.abandon, params)).rowcount)
+
+        return await self.run(f"lock({job_name!r}) after it was interrupted", abandon)
+
     async def renew(self, job_name: str, lock_id: int, lease: timedelta) -> bool:
         """Extend a run's lease; False when it is no longer the run's (expired or taken)."""
         params = {
