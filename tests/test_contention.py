@@ -120,7 +120,7 @@ async def lock(self, job_name, run_time=None):
     odd = run_time.microsecond // 10_000 % 2
     if self.worker == "p0-l0" and won is None and not odd:
         identifier = self.identifier(job_name, run_time)
-        return Lock(self, id=-1, job_name=job_name, identifier=identifier,
+        return Lock(self.store, self.events, id=-1, job_name=job_name, identifier=identifier,
                     worker=self.worker, run_time=run_time)
     if self.worker == "p1-l0" and odd:
         return None
