@@ -126,20 +126,20 @@ async def _cancel_after(call: Coroutine[Any, Any, Any], seconds: float) -> None:
 
 
 def _kept(locker: AsyncDBLocker) -> int:
-    """Connections the driver path keeps checked out for reuse."""
-    return len(locker._driver_acquire._idle) if locker._driver_acquire is not None else 0
+    """Connections the locker keeps for acquiring (in a pool of its own, not the engine's)."""
+    return locker._acquirer.connections
 
 
 def _idle(locker: AsyncDBLocker) -> int:
-    """Open connections not in use: in the pool, or kept by the driver path for reuse."""
+    """Open connections not in use: in the engine's pool, or kept for acquiring."""
     count: int = locker.engine.pool.checkedin()  # type: ignore[attr-defined]
     return count + _kept(locker)
 
 
 def _checked_out(locker: AsyncDBLocker) -> int:
-    """Connections checked out of the pool and not kept by the driver path for reuse."""
+    """Connections checked out of the engine's pool (those kept for acquiring are not)."""
     count: int = locker.engine.pool.checkedout()  # type: ignore[attr-defined]
-    return count - _kept(locker)
+    return count
 
 
 @dataclass(frozen=True)
@@ -535,7 +535,6 @@ async def test_worker_killed_mid_job(
 # -- cancellation --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "own-task"])
 @pytest.mark.parametrize("cancel_after", [0.05, 0.1, 0.3])
 async def test_cancelled_lock_leaves_no_running_row(
     server: str,
@@ -545,16 +544,10 @@ async def test_cancelled_lock_leaves_no_running_row(
     make: LockerMaker,
     caplog: pytest.LogCaptureFixture,
     cancel_after: float,
-    inline: bool,
 ) -> None:
-    """Each chunk takes 0.2 s each way: cancelled before the INSERT arrives, or after.
-
-    ``inline``: the acquire runs in the caller's task; else in a task of its own (as
-    it does where the driver would cancel the task it runs in, see runs_inline)."""
+    """Each chunk takes 0.2 s each way: cancelled before the INSERT arrives, or after."""
     caplog.set_level(logging.INFO, logger="aiocronlock")
     a = make(proxy.route(server), worker="a", timeout=3)
-    assert a._driver_acquire is not None and a._driver_acquire.runs_inline
-    a._driver_acquire.runs_inline = inline
     warm = await a.lock("warm-up", _tick())
     assert warm is not None
     await warm.unlock()  # prepares the UPDATE too, on PostgreSQL
