@@ -161,7 +161,8 @@ class StatementCounter(logging.Handler):
         self.statements.append(statement)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.statements.append(str(record.args[0]) if record.args else record.getMessage())
+        args = record.args
+        self.statements.append(str(args[0]) if isinstance(args, tuple) else record.getMessage())
 
     def detach(self) -> None:
         event.remove(self._engine, "before_cursor_execute", self._record)

@@ -194,12 +194,6 @@ async def test_concurrent_calls_open_at_most_the_limit_and_keep_them(
         assert await connections.on_server(kept) == len(kept)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: on the shared connection the INSERT is left in an open transaction "
-    "(the next rollback on the engine undoes it), and aclose() closes the connection "
-    "outside a greenlet (MissingGreenlet), which invalidates it and drops the database",
-)
 async def test_in_memory_sqlite_shares_the_engines_one_connection() -> None:
     """An in-memory database lives in its one connection, which the locker shares with
     the user: the user's own work on the engine, and closing the locker, leave it be."""

@@ -17,10 +17,9 @@ which works whether the INSERT landed, is still on its way, or never left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Insert
@@ -119,8 +118,16 @@ class Acquirer:
     timeout or a cancellation left unknown is closed, not reused.
     """
 
-    def __init__(self, engine: AsyncEngine, statements: Statements, *, timeout: float) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        statements: Statements,
+        *,
+        timeout: float,
+        in_doubt: Callable[[str, str], Awaitable[None]],
+    ) -> None:
         self._engine = engine
+        self._in_doubt = in_doubt
         self._timeout = timeout
         self._driver = engine.dialect.driver
         # Job names and identifiers are bytes on MySQL (see ExactText in _schema).
@@ -136,11 +143,15 @@ class Acquirer:
         self._most = 1 if self._shared or statements.dialect_name == "sqlite" else MAX_CONNECTIONS
         self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots = asyncio.Semaphore(self._most)
         # Connections not in use, with when each was last used; the newest last.
         self._idle: list[tuple[PoolProxiedConnection, float]] = []
-        # Connections open now, in use or idle.
+        # Connections open or being opened now, in use or idle.
         self._open = 0
+        # Set when a connection comes back or closes, for calls waiting for one.
+        self._returned = asyncio.Event()
+        # Calls under way, which aclose() waits for.
+        self._busy = 0
+        self._idle_again = asyncio.Event()
         # Connections being closed after an error, for aclose() to wait on.
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -165,7 +176,10 @@ class Acquirer:
             if self._encode
             else (job_name, identifier, worker)
         )
-        result: int | None = await self._call(self._one.sql, self._one.arguments(values), False)
+        arguments = self._one.arguments(values)
+        result: int | None = await self._call(
+            self._one.sql, arguments, False, (job_name, identifier)
+        )
         return result
 
     async def acquire_many(
@@ -190,35 +204,58 @@ class Acquirer:
             for row_id, name in await self._call(compiled.sql, compiled.arguments(values), True):
                 won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
 
-    async def _call(self, sql: str, arguments: Any, rows: bool) -> Any:
+    async def _call(
+        self, sql: str, arguments: Any, rows: bool, doubt: tuple[str, str] | None = None
+    ) -> Any:
+        """Run one statement on a kept connection, within the timeout.
+
+        ``doubt``: the tick an acquire decides. If its caller is cancelled after the
+        INSERT was sent, the outcome is unknown, and ``in_doubt`` settles the tick
+        before the cancellation goes on.
+        """
         if self._closed:
             raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
-        if asyncio.get_running_loop() is not self._loop:
-            self._move_to(asyncio.get_running_loop())
-        pooled: PoolProxiedConnection | None = None
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._move_to(loop)
+        deadline = loop.time() + self._timeout
+        self._busy += 1
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
-                pooled = self._take()
-                if pooled is None:
-                    pooled = await self._connect()
-                result = await self._send(pooled, sql, arguments, rows)
-        except BaseException as error:
-            if pooled is not None:
-                if _refused(error):
-                    self._idle.append((pooled, time.monotonic()))
+            pooled = self._take()
+            if pooled is None:
+                async with asyncio.timeout_at(deadline):
+                    pooled = await self._checkout()
+            try:
+                if self._driver == "asyncpg":
+                    # The driver's own statement timeout costs less than a timeout
+                    # scope, and a lost race here is a round trip of tens of µs.
+                    result = await self._send(pooled, sql, arguments, rows, deadline - loop.time())
                 else:
-                    self._discard(pooled, error)
-            raise
-        self._idle.append((pooled, time.monotonic()))
-        return result
+                    async with asyncio.timeout_at(deadline):
+                        result = await self._send(pooled, sql, arguments, rows, None)
+            except BaseException as error:
+                self._release(pooled, error)
+                if doubt is not None and isinstance(error, asyncio.CancelledError):
+                    settling = asyncio.ensure_future(self._in_doubt(*doubt))
+                    self._closing.add(settling)
+                    settling.add_done_callback(self._closed_one)
+                    await asyncio.shield(settling)  # a second cancel leaves it running
+                raise
+            self._release(pooled, None)
+            return result
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle_again.set()
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start afresh in a new event loop: connections of the old one cannot be used
         there (one ``asyncio.run`` after another)."""
         self._loop = loop
-        self._slots = asyncio.Semaphore(self._most)
         self._idle = []
         self._open = 0
+        self._returned = asyncio.Event()
+        self._idle_again = asyncio.Event()
         pool = self._engine.sync_engine.pool
         self._pool = pool if self._shared else pool.recreate()
 
@@ -230,6 +267,34 @@ class Acquirer:
                 return pooled
             self._discard(pooled, None)
         return None
+
+    async def _checkout(self) -> PoolProxiedConnection:
+        """An idle connection, a new one while fewer than the most are open, or the
+        next one to come back."""
+        while True:
+            pooled = self._take()
+            if pooled is not None:
+                return pooled
+            if self._open < self._most:
+                return await self._connect()
+            self._returned.clear()
+            await self._returned.wait()
+
+    def _release(self, pooled: PoolProxiedConnection, error: BaseException | None) -> None:
+        """Keep a connection after a call, or close it if the call left its state unknown.
+
+        A lost connection likely means the server went away: the idle ones go too (a
+        driver does not always notice a socket the server closed).
+        """
+        if error is None or _refused(error):
+            self._idle.append((pooled, time.monotonic()))
+        else:
+            self._discard(pooled, error)
+            if lost_connection(error):
+                idle, self._idle = self._idle, []
+                for other, _ in idle:
+                    self._discard(other, None)
+        self._returned.set()
 
     def _usable(self, pooled: PoolProxiedConnection, last_used: float) -> bool:
         """Whether a kept connection may be used: not closed by the server (its driver
@@ -245,8 +310,13 @@ class Acquirer:
 
     async def _connect(self) -> PoolProxiedConnection:
         assert self._pool is not None
-        pooled = await greenlet_spawn(self._pool.connect)
-        self._open += 1
+        self._open += 1  # counted from now: concurrent calls do not open too many
+        try:
+            pooled = await greenlet_spawn(self._pool.connect)
+        except BaseException:
+            self._open -= 1
+            self._returned.set()
+            raise
         try:
             connection: Any = pooled.driver_connection
             # The statements commit alone, like SQLAlchemy's AUTOCOMMIT; a user's engine
@@ -261,17 +331,25 @@ class Acquirer:
         return pooled
 
     async def _send(
-        self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool
+        self,
+        pooled: PoolProxiedConnection,
+        sql: str,
+        arguments: Any,
+        rows: bool,
+        driver_timeout: float | None,
     ) -> Any:
-        """Run one statement: the new id (or None), or every row for ``rows``."""
+        """Run one statement: the new id (or None), or every row for ``rows``.
+        ``driver_timeout``: for asyncpg, which bounds the statement itself."""
         if sql_logger.isEnabledFor(logging.DEBUG):
             sql_logger.debug("%s %r", sql, arguments)
         connection: Any = pooled.driver_connection
         driver = self._driver
         if driver == "asyncpg":
+            if driver_timeout is not None and driver_timeout <= 0:
+                raise TimeoutError
             if rows:
-                return await connection.fetch(sql, *arguments)
-            return await connection.fetchval(sql, *arguments)
+                return await connection.fetch(sql, *arguments, timeout=driver_timeout)
+            return await connection.fetchval(sql, *arguments, timeout=driver_timeout)
         if driver == "asyncmy":
             if not rows:
                 # Prepared once per connection: the server then does not parse it on
@@ -286,7 +364,12 @@ class Acquirer:
                     await cursor.execute(sql, arguments)
                 return await cursor.fetchall()
         if driver == "aiosqlite":
+            # A connection shared with the engine may be in the implicit transaction
+            # mode; the row must be committed on its own all the same.
+            was_open = self._shared and connection.in_transaction
             fetched = await connection.execute_fetchall(sql, arguments)
+            if self._shared and not was_open and connection.in_transaction:
+                await connection.commit()
             return fetched if rows else (fetched[0][0] if fetched else None)
         return await greenlet_spawn(self._send_dbapi, pooled, sql, arguments, rows)
 
@@ -307,11 +390,17 @@ class Acquirer:
             cursor.close()
 
     def _discard(self, pooled: PoolProxiedConnection, error: BaseException | None) -> None:
-        """Close a connection whose state is unknown, in the background: the caller
-        need not wait for the driver's polite close (aclose() waits for it)."""
+        """Close a connection, in the background: the caller need not wait for the
+        driver's polite close (aclose() waits for it). Closed, not returned to the
+        pool: nothing to reset, and after an error its state is unknown."""
         self._open -= 1
         if self._shared:
-            return  # the engine's only connection: the engine decides its fate
+            if error is None:
+                pooled_close = greenlet_spawn(pooled.close)  # the engine's only connection
+                closing = asyncio.ensure_future(pooled_close)
+                self._closing.add(closing)
+                closing.add_done_callback(self._closed_one)
+            return
         closing = asyncio.ensure_future(greenlet_spawn(pooled.invalidate, error))
         self._closing.add(closing)
         closing.add_done_callback(self._closed_one)
@@ -322,22 +411,25 @@ class Acquirer:
             logger.debug("closing a connection failed: %r", closing.exception())
 
     async def aclose(self) -> None:
-        """Close the kept connections; calls still under way end within their timeout."""
+        """Close the kept connections once the calls under way have ended (within the
+        timeout: past it, they are abandoned)."""
         self._closed = True
         if self._loop is not asyncio.get_running_loop():
             return  # they belonged to another event loop, gone by now
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._timeout):  # calls under way finish first
-                for _ in range(self._most):
-                    await self._slots.acquire()
-        idle, self._idle = self._idle, []
-        for pooled, _ in idle:
-            self._open -= 1
-            if self._shared:
-                pooled.close()
-            else:
-                await greenlet_spawn(pooled.close)  # back to the locker's own pool
-        if self._closing:
-            await asyncio.wait(set(self._closing), timeout=self._timeout)
-        if self._pool is not None and not self._shared:
-            await greenlet_spawn(self._pool.dispose)
+        try:
+            async with asyncio.timeout(self._timeout):
+                while self._busy:
+                    self._idle_again.clear()
+                    await self._idle_again.wait()
+                idle, self._idle = self._idle, []
+                for pooled, _ in idle:
+                    self._discard(pooled, None)
+                if self._closing:
+                    await asyncio.wait(set(self._closing))
+                if self._pool is not None and not self._shared:
+                    await greenlet_spawn(self._pool.dispose)
+        except TimeoutError:
+            logger.warning(
+                "closing the connections kept for acquiring took over %g s; abandoned them",
+                self._timeout,
+            )

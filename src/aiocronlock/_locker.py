@@ -153,7 +153,7 @@ class AsyncDBLocker:
         statements = Statements(self.table, own.dialect.name)
         #: Every statement but the acquire: outcomes, leases, history, pruning.
         self.store = Store(own, statements, timeout=self.timeout)
-        self._acquirer = Acquirer(own, statements, timeout=self.timeout)
+        self._acquirer = Acquirer(own, statements, timeout=self.timeout, in_doubt=self._abandon)
         self._cleaner = Cleaner(
             self.store,
             ttl=self.ttl,
@@ -285,14 +285,9 @@ class AsyncDBLocker:
         overlap = False
         if lease is None:
             try:
+                # Cancelled mid-INSERT, the acquirer settles the tick with _abandon.
                 row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
-            except asyncio.CancelledError:
-                await asyncio.shield(self._in_background(self._abandon(job_name, identifier)))
-                raise
             except Exception as error:
-                if isinstance(error, TimeoutError):
-                    # The INSERT may still land; record the tick FAILED, in the background.
-                    self._in_background(self._abandon(job_name, identifier))
                 raise self.store.error(error, f"lock({job_name!r})") from error
         else:
             deciding = asyncio.ensure_future(
@@ -307,7 +302,8 @@ class AsyncDBLocker:
         return self._decided(job_name, identifier, run_time, row_id, overlap, lease)
 
     async def _abandon(self, job_name: str, identifier: str) -> None:
-        """After lock() was cancelled or timed out mid-INSERT: record the tick FAILED."""
+        """After lock() was cancelled mid-INSERT: record the tick FAILED, whether the
+        INSERT landed or not (see ``Statements.abandon``)."""
         try:
             if await self.store.abandon(job_name, identifier, self.worker):
                 logger.info(
