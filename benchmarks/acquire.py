@@ -38,6 +38,7 @@ from aiocronlock import AsyncDBLocker, lock_table, precision
 
 from ._backends import WORKER, Backend
 from ._capture import Statement, captured, only_insert
+from ._placement import placed
 from ._raw import Dedicated, RawClient, open_raw
 from ._stats import Latency, Ratio, Section, ms, ratio, times
 
@@ -177,19 +178,20 @@ async def run(backend: Backend, *, iterations: int, rounds: int, warmup: int) ->
             if out:
                 cpu["won" if expect_won else "lost"][name] += time.process_time() - started
 
-        for name in CONTENDERS:  # warm-up: connections, statement caches, first-use paths
-            warm = [f"warm-{name}-{i}" for i in range(warmup)]
-            await batch(name, warm, True, [])
-            await batch(name, warm, False, [])
+        with placed(backend) as placement:
+            for name in CONTENDERS:  # warm-up: connections, statement caches, first-use paths
+                warm = [f"warm-{name}-{i}" for i in range(warmup)]
+                await batch(name, warm, True, [])
+                await batch(name, warm, False, [])
 
-        per_round = max(1, iterations // rounds)
-        for r in range(rounds):
-            order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
-            jobs = {name: [f"{name}-{r}-{i}" for i in range(per_round)] for name in order}
-            for name in order:
-                await batch(name, jobs[name], True, samples["won"][name])
-            for name in order:
-                await batch(name, jobs[name], False, samples["lost"][name])
+            per_round = max(1, iterations // rounds)
+            for r in range(rounds):
+                order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
+                jobs = {name: [f"{name}-{r}-{i}" for i in range(per_round)] for name in order}
+                for name in order:
+                    await batch(name, jobs[name], True, samples["won"][name])
+                for name in order:
+                    await batch(name, jobs[name], False, samples["lost"][name])
     finally:
         for client in (raw, pool):
             if client is not None:
@@ -204,7 +206,7 @@ async def run(backend: Backend, *, iterations: int, rounds: int, warmup: int) ->
         for phase, by in cpu.items()
     }
     return AcquireResult(
-        sections=_sections(backend, samples, cpu_s),
+        sections=_sections(backend, samples, cpu_s, placement),
         samples_ms={
             phase: {name: [s / 1e6 for s in values] for name, values in by_name.items()}
             for phase, by_name in samples.items()
@@ -214,7 +216,10 @@ async def run(backend: Backend, *, iterations: int, rounds: int, warmup: int) ->
 
 
 def _sections(
-    backend: Backend, samples: dict[str, dict[str, list[int]]], cpu_s: dict[str, dict[str, float]]
+    backend: Backend,
+    samples: dict[str, dict[str, list[int]]],
+    cpu_s: dict[str, dict[str, float]],
+    placement: str,
 ) -> list[Section]:
     limit = ACQUIRE_TARGETS[backend.name]
     columns = [
@@ -254,7 +259,8 @@ def _sections(
             Section(
                 benchmark=f"acquire_{phase}",
                 backend=backend.name,
-                title=f"one lock() on a {what}, vs the same INSERT on one dedicated connection",
+                title=f"one lock() on a {what}, vs the same INSERT on one dedicated "
+                f"connection ({placement})",
                 columns=columns,
                 rows=[
                     row(f"{backend.raw_name} (dedicated)", base, base, c[RAW]),

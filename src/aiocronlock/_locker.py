@@ -272,12 +272,20 @@ class AsyncDBLocker:
                     EventKind.SKIPPED, job_name, identifier, run_time=run_time, reason="stale"
                 )
             return None
-        return await self._decide(job_name, identifier, run_time, job_lease)
+        if job_lease is not None:
+            return await self._decide(job_name, identifier, run_time, job_lease)
+        try:
+            # Cancelled mid-INSERT, the acquirer settles the tick with _abandon.
+            row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
+        except Exception as error:
+            raise self.store.error(error, f"lock({job_name!r})") from error
+        return self._decided(job_name, identifier, run_time, row_id)
 
     async def _decide(
         self, job_name: str, identifier: str, run_time: datetime, lease: timedelta | None = None
     ) -> Lock | None:
-        """Send the acquire and make the outcome a Lock or None.
+        """Decide a tick as lock() does, for a run time already checked (the cleaner's
+        ticks, exclusive locks): a Lock, or None.
 
         If the caller is cancelled meanwhile, the statement still completes (within
         the timeout) and a row it won is marked FAILED, never left RUNNING.
@@ -285,7 +293,6 @@ class AsyncDBLocker:
         overlap = False
         if lease is None:
             try:
-                # Cancelled mid-INSERT, the acquirer settles the tick with _abandon.
                 row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
             except Exception as error:
                 raise self.store.error(error, f"lock({job_name!r})") from error
