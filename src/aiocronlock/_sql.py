@@ -399,7 +399,10 @@ class Statements:
 
         c = self.table.c
         if self.dialect_name in MYSQL_DIALECTS:
-            return delete(self.table).where(c.created_at < cutoff).ext(mysql.limit(limit))
+            expired = delete(self.table).where(c.created_at < cutoff)
+            if hasattr(mysql, "limit"):  # SQLAlchemy 2.1's DELETE ... LIMIT
+                return expired.ext(mysql.limit(limit))
+            return expired.with_dialect_options(**{f"{self.dialect_name}_limit": limit})
         window = c.created_at < cutoff
         if floor is not None:
             window = window & (c.created_at >= floor)
