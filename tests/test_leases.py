@@ -126,7 +126,7 @@ async def test_the_lease_is_renewed_for_as_long_as_the_run_lasts(
         (during,) = await a.leases()
 
     assert attempts >= 10
-    assert not lock.lost.is_set()
+    assert not lock.lost
     assert during.live
     assert during.holder_id == lock.id
     assert during.worker == "a"
@@ -210,7 +210,7 @@ async def test_a_renewal_after_another_run_took_over_fails_and_leaves_its_lease_
     new = await b.lock("fenced", t1 + timedelta(seconds=1), exclusive=True, lease=30)
     assert new is not None
     async with asyncio.timeout(2):
-        await old.lost.wait()  # a's keeper noticed
+        await old.wait_lost()  # a's keeper noticed
     (taken,) = await b.leases()
     assert (taken.holder_id, taken.worker, taken.live) == (new.id, "b", True)
 
@@ -246,7 +246,7 @@ async def test_a_blocked_event_loop_loses_the_lease_and_the_run_is_cancelled(
 
     assert time.monotonic() - started < 5
     assert reached == ["after the block"]
-    assert lock.lost.is_set()
+    assert lock.lost
     assert (info.value.job_name, info.value.lock_id) == ("blocking", lock.id)
     current = asyncio.current_task()
     assert current is not None
@@ -275,7 +275,7 @@ async def test_with_cancel_on_loss_false_the_run_goes_on_and_is_recorded_lost(
     async with lock:
         _block_event_loop(1.0)
         async with asyncio.timeout(2):
-            await lock.lost.wait()
+            await lock.wait_lost()
         await asyncio.sleep(0.3)  # not cancelled: the body decides what to do
         reached.append("end of body")
 
@@ -397,7 +397,7 @@ async def test_stalled_renewals_stop_the_run_and_free_the_next_tick(
 
     assert isinstance(outcome.error, LeaseLostError), outcome.error
     assert outcome.error.lock_id == outcome.lock.id
-    assert outcome.lock.lost.is_set()
+    assert outcome.lock.lost
     # a recorded LOST once the database was back; b holds the next tick.
     rows = await fetch_rows(engine, backend.table_name)
     assert [(r["worker"], r["status"]) for r in rows] == [("a", "LOST"), ("b", "RUNNING")]

@@ -28,6 +28,7 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection, SingletonThreadPool, St
 from sqlalchemy.util import greenlet_spawn
 
 from ._engine import lost_connection
+from ._loop import OneLoop
 from ._sql import MYSQL_DIALECTS, Statements, mysql_duplicates_quiet
 
 #: The statements the fast path sends, at DEBUG level (SQLAlchemy's echo and cursor
@@ -125,9 +126,11 @@ class Acquirer:
         *,
         timeout: float,
         in_doubt: Callable[[str, str], Awaitable[None]],
+        one_loop: OneLoop,
     ) -> None:
         self._engine = engine
         self._in_doubt = in_doubt
+        self._one_loop = one_loop
         self._timeout = timeout
         self._driver = engine.dialect.driver
         # Job names and identifiers are bytes on MySQL (see ExactText in _schema).
@@ -142,7 +145,6 @@ class Acquirer:
         self._shared = isinstance(pool, StaticPool | SingletonThreadPool)
         self._most = 1 if self._shared or statements.dialect_name == "sqlite" else MAX_CONNECTIONS
         self._pool: Pool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Connections not in use, with when each was last used; the newest last.
         self._idle: list[tuple[PoolProxiedConnection, float]] = []
         # Connections open or being opened now, in use or idle.
@@ -215,9 +217,10 @@ class Acquirer:
         """
         if self._closed:
             raise RuntimeError("this locker is closed: create a new AsyncDBLocker")
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._move_to(loop)
+        loop = asyncio.get_running_loop()  # the locker's: it checked (see OneLoop)
+        if self._pool is None:
+            pool = self._engine.sync_engine.pool
+            self._pool = pool if self._shared else pool.recreate()
         deadline = loop.time() + self._timeout
         self._busy += 1
         try:
@@ -247,17 +250,6 @@ class Acquirer:
             self._busy -= 1
             if self._waiting:
                 self._changed.set()
-
-    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start afresh in a new event loop: connections of the old one cannot be used
-        there (one ``asyncio.run`` after another)."""
-        self._loop = loop
-        self._idle = []
-        self._open = 0
-        self._changed = asyncio.Event()
-        self._waiting = 0
-        pool = self._engine.sync_engine.pool
-        self._pool = pool if self._shared else pool.recreate()
 
     def _take(self) -> PoolProxiedConnection | None:
         """The most recently used idle connection that is still usable, if any."""
@@ -423,8 +415,8 @@ class Acquirer:
         """Close the kept connections once the calls under way have ended (within the
         timeout: past it, they are abandoned)."""
         self._closed = True
-        if self._loop is not asyncio.get_running_loop():
-            return  # they belonged to another event loop, gone by now
+        if not self._one_loop.is_current():
+            return  # they belong to another event loop, which alone can close them
         try:
             async with asyncio.timeout(self._timeout):
                 while self._busy:

@@ -49,7 +49,8 @@ class Lock:
     An exclusive lock (``lock(..., exclusive=True)``) also holds the job's lease and
     renews it every third of the lease while held. If a renewal fails for longer
     than the lease (database down, event loop blocked) or finds the lease taken,
-    the lock is *lost*: ``lost`` is set, the row becomes LOST, and, when
+    the lock is *lost*: ``lost`` becomes true (``await lock.wait_lost()`` returns), the
+    row becomes LOST, and, when
     ``cancel_on_loss`` is true (the default), the task running the ``async with``
     block is cancelled and the block raises ``LeaseLostError`` instead, so that two
     instances never run the job at once.
@@ -103,8 +104,8 @@ class Lock:
         self.run_time = run_time
         #: The lease of an exclusive lock; ``None`` for a per-tick lock.
         self.lease = lease
-        # ``lost``, made on first use: lock_many() makes hundreds of locks at once,
-        # and a per-tick lock never needs one.
+        # What wait_lost() waits on, made on first use: lock_many() makes hundreds of
+        # locks at once, and a per-tick lock never needs one.
         self._lost: asyncio.Event | None = None
         #: Cancel the task in the ``async with`` block when the lease is lost.
         self.cancel_on_loss = True
@@ -117,15 +118,18 @@ class Lock:
             )
 
     @property
-    def lost(self) -> asyncio.Event:
-        """Set when an exclusive lock lost its lease. Never set for a per-tick lock."""
+    def lost(self) -> bool:
+        """True once an exclusive lock has lost its lease; never for a per-tick lock."""
+        return self._lost_reason is not None
+
+    async def wait_lost(self) -> None:
+        """Return once the lease is lost (at once if it is already); for a per-tick lock,
+        never."""
         if self._lost is None:
             self._lost = asyncio.Event()
-        return self._lost
-
-    @property
-    def _is_lost(self) -> bool:
-        return self._lost is not None and self._lost.is_set()
+            if self.lost:
+                self._lost.set()
+        await self._lost.wait()
 
     @property
     def exclusive(self) -> bool:
@@ -174,10 +178,11 @@ class Lock:
                 )
 
     def _lose(self, reason: str) -> None:
-        if self._is_lost:
+        if self.lost:
             return
         self._lost_reason = reason
-        self.lost.set()
+        if self._lost is not None:
+            self._lost.set()
         logger.error("%r lost its lease: %s", self, reason)
         if self._events:
             self._emit(
@@ -212,7 +217,7 @@ class Lock:
         if self._done:
             return
         await self._stop_keeper()
-        if self._is_lost:
+        if self.lost:
             status = Status.LOST
         else:
             status = Status.FAILED if failed else Status.FINISHED
@@ -262,7 +267,7 @@ class Lock:
             await self.unlock(failed=True)
         except Exception:
             # The body's exception matters more; do not hide it behind ours.
-            outcome = Status.LOST if self._is_lost else Status.FAILED
+            outcome = Status.LOST if self.lost else Status.FAILED
             logger.exception("could not record %s for %r", outcome.value, self)
         if self._cancelled_by_loss and isinstance(exc, asyncio.CancelledError) and task:
             # Our cancellation, not the caller's: report it as what it is.

@@ -36,6 +36,7 @@ from ._errors import BackendError
 from ._events import EventKind, Events, Subscriber
 from ._identifiers import IdentifierStrategy, Precision, compute_identifier, precision
 from ._lock import Lock
+from ._loop import OneLoop
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
 from ._sql import Statements
 from ._store import JobRun, Lease, Store
@@ -83,10 +84,20 @@ class AsyncDBLocker:
     :param schema: the table's schema, or ``None`` for the default one.
     :param timeout: seconds any single database call may take before it fails with
         ``BackendError``; a tick decided late is worth little.
+    :param clean_batch_size: the most rows one pruning DELETE removes (2,000 by
+        default): a large backlog is pruned in small statements, between lock() calls.
     :param clock: the time source; tests pass ``aiocronlock.testing.FakeClock``.
     :param lease: the default lease of exclusive locks (``lock(..., exclusive=True)``).
     :param telemetry: emit OpenTelemetry spans and metrics when ``opentelemetry-api``
         is installed.
+
+    Attributes: ``worker``, ``engine`` (the one given, or made from the URL),
+    ``timeout`` (seconds), ``clock_offset`` (the database's clock minus this
+    instance's, measured on start; ``None`` before), ``closed``, ``events`` and
+    ``store`` (every statement but the acquire, for the parts built on the locker).
+
+    The locker works in the event loop of its first call; used from another one it
+    raises ``RuntimeError`` before sending anything.
     """
 
     def __init__(
@@ -152,8 +163,12 @@ class AsyncDBLocker:
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else own
         statements = Statements(self.table, own.dialect.name)
         #: Every statement but the acquire: outcomes, leases, history, pruning.
-        self.store = Store(own, statements, timeout=self.timeout)
-        self._acquirer = Acquirer(own, statements, timeout=self.timeout, in_doubt=self._abandon)
+        # The locker works in the event loop of its first call, and refuses any other.
+        self._one_loop = OneLoop()
+        self.store = Store(own, statements, timeout=self.timeout, one_loop=self._one_loop)
+        self._acquirer = Acquirer(
+            own, statements, timeout=self.timeout, in_doubt=self._abandon, one_loop=self._one_loop
+        )
         self._cleaner = Cleaner(
             self.store,
             ttl=self.ttl,
@@ -210,6 +225,12 @@ class AsyncDBLocker:
         # Public methods refuse from here on; work already under way (the cleaner's
         # last unlock, a cancelled lock() marking its row) may still finish.
         self._closed = True
+        if not self._one_loop.is_current():
+            logger.warning(
+                "aclose() was called from another event loop than the locker's: its "
+                "connections belong to that loop and are left to it"
+            )
+            return
         await self._cleaner.stop(grace=2 * self.timeout)
         if self._background:
             await asyncio.wait(set(self._background))
@@ -256,6 +277,7 @@ class AsyncDBLocker:
         :raises BackendError: the database could not decide. Do not run the job.
         """
         self._check_open()
+        self._one_loop.check()
         check_name("job_name", job_name)
         job_lease = lease_for(self, exclusive, lease)
         run_time, stale = self._tick_time(run_time)
@@ -277,6 +299,8 @@ class AsyncDBLocker:
         try:
             # Cancelled mid-INSERT, the acquirer settles the tick with _abandon.
             row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
+        except BackendError:
+            raise
         except Exception as error:
             raise self.store.error(error, f"lock({job_name!r})") from error
         return self._decided(job_name, identifier, run_time, row_id)
@@ -294,6 +318,8 @@ class AsyncDBLocker:
         if lease is None:
             try:
                 row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
+            except BackendError:
+                raise
             except Exception as error:
                 raise self.store.error(error, f"lock({job_name!r})") from error
         else:
@@ -425,6 +451,7 @@ class AsyncDBLocker:
         are simply absent from the result.
         """
         self._check_open()
+        self._one_loop.check()
         names = list(job_names)
         for name in names:
             check_name("job_names item", name)
@@ -577,7 +604,7 @@ class AsyncDBLocker:
         step = getattr(self.identifier, "step", None)
         tolerance = (step if isinstance(step, timedelta) else timedelta(seconds=1)) / 4
         uncertainty = (after - before) / 2
-        if abs(offset) - uncertainty > tolerance:
+        if abs(offset) - uncertainty > tolerance and not getattr(self.clock, "simulated", False):
             logger.warning(
                 "this instance's clock differs from the database's by %.3f s, more than a "
                 "quarter of the identifier precision: ticks named from local clocks may "

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._engine import describe, lost_connection, translate_error
 from ._errors import BackendError
+from ._loop import OneLoop
 from ._schema import Status
 from ._sql import Statements, lease_param
 
@@ -65,8 +66,11 @@ def aware(value: datetime) -> datetime:
 class Store:
     """Runs the lock table's statements, each within ``timeout`` seconds."""
 
-    def __init__(self, engine: AsyncEngine, statements: Statements, *, timeout: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, statements: Statements, *, timeout: float, one_loop: OneLoop
+    ) -> None:
         self.engine = engine
+        self._one_loop = one_loop
         self.sql = statements
         self.timeout = timeout
         #: The engine's URL with the password hidden, for messages.
@@ -76,6 +80,7 @@ class Store:
 
     async def run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
+        self._one_loop.check()
         try:
             with anyio.fail_after(self.timeout):
                 async with self.engine.connect() as conn:
