@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -171,3 +172,65 @@ async def test_the_longest_table_name(backend: Backend, engine: AsyncEngine) -> 
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(lambda sync: metadata.drop_all(sync, checkfirst=True))
+
+
+# -- MySQL/MariaDB: text columns, compared byte for byte -----------------------------------
+
+EXACT_NAMES = ["job", "Job", "job ", "résumé", "resume"]
+
+
+async def _mysql_only(backend: Backend) -> None:
+    if backend.name != "mysql":
+        pytest.skip("collations that fold case and trailing spaces are MySQL's and MariaDB's")
+
+
+async def test_mysql_names_are_text_a_sql_client_reads_as_such(
+    backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
+) -> None:
+    await _mysql_only(backend)
+    locker = await make_locker()
+    tick = datetime.now(UTC)
+    assert all([await locker.lock(name, tick) for name in EXACT_NAMES])
+
+    async with engine.connect() as conn:
+        columns = (
+            await conn.exec_driver_sql(
+                "SELECT column_name, data_type, collation_name FROM information_schema.columns"
+                f" WHERE table_schema = DATABASE() AND table_name = '{backend.table_name}'"
+                " AND column_name IN ('job_name', 'job_identifier') ORDER BY column_name"
+            )
+        ).all()
+        plain = (
+            await conn.exec_driver_sql(f"SELECT job_name FROM {backend.table_name} ORDER BY id")
+        ).scalars()
+        read = list(plain)
+    assert [(str(c[1]).lower(), str(c[2]).endswith("_bin")) for c in columns] == [
+        ("varchar", True),
+        ("varchar", True),
+    ]
+    assert read == EXACT_NAMES  # str, not b'job': what a BI tool or Alembic sees
+
+
+async def test_mysql_tables_of_version_0_1_with_binary_columns_keep_working(
+    backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
+) -> None:
+    await _mysql_only(backend)
+    locker = await make_locker()
+    async with engine.begin() as conn:
+        for column in ("job_name", "job_identifier"):
+            await conn.exec_driver_sql(
+                f"ALTER TABLE {backend.table_name} MODIFY {column} VARBINARY(1020) NOT NULL"
+            )
+    other = await make_locker(own_engine=True, worker="b")
+    tick = datetime.now(UTC)
+    won = [await locker.lock(name, tick) for name in EXACT_NAMES]
+    lost = [await other.lock(name, tick) for name in EXACT_NAMES]
+    many = await locker.lock_many([f"{name}-many" for name in EXACT_NAMES], tick)
+
+    assert all(won) and lost == [None] * len(EXACT_NAMES)
+    assert sorted(many) == sorted(f"{name}-many" for name in EXACT_NAMES)
+    history = await locker.history(limit=100)
+    assert sorted(run.job_name for run in history) == sorted(
+        EXACT_NAMES + [f"{name}-many" for name in EXACT_NAMES]
+    )
+    assert [r["job_name"] for r in await fetch_rows(engine, backend.table_name)][:5] == EXACT_NAMES

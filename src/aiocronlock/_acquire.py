@@ -29,7 +29,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._engine import lost_connection
 from ._loop import OneLoop
-from ._sql import MYSQL_DIALECTS, Statements, mysql_duplicates_quiet
+from ._sql import Statements, mysql_duplicates_quiet
 
 #: The statements the fast path sends, at DEBUG level (SQLAlchemy's echo and cursor
 #: events do not see them).
@@ -133,14 +133,11 @@ class Acquirer:
         self._one_loop = one_loop
         self._timeout = timeout
         self._driver = engine.dialect.driver
-        # Job names and identifiers are bytes on MySQL (see ExactText in _schema).
-        self._encode = statements.dialect_name in MYSQL_DIALECTS
-        self._one = _Compiled(
-            engine, statements.acquire, {name: i for i, name in enumerate(_INPUTS)}
-        )
+        self._acquire_statement = statements.acquire
         self._returns_id = statements.acquire_returns_id
         self._rows_statement = statements.acquire_rows
-        self._many: dict[int, _Compiled] = {}
+        # Compiled on first use, once the dialect has met its server (see _compiled).
+        self._compiled_for: dict[int, _Compiled] = {}
         pool = engine.sync_engine.pool
         self._shared = isinstance(pool, StaticPool | SingletonThreadPool)
         self._most = 1 if self._shared or statements.dialect_name == "sqlite" else MAX_CONNECTIONS
@@ -176,13 +173,8 @@ class Acquirer:
         self, job_name: str, identifier: str, worker: str
     ) -> Coroutine[Any, Any, int | None]:
         """Send the one-row INSERT: the new row's id, or None when the tick is taken."""
-        values = (
-            (job_name.encode(), identifier.encode(), worker)
-            if self._encode
-            else (job_name, identifier, worker)
-        )
         # The call's own coroutine, not one around it: one frame fewer on the hot path.
-        return self._call(self._one.sql, self._one.arguments(values), False, (job_name, identifier))
+        return self._call(0, (job_name, identifier, worker), (job_name, identifier))
 
     async def acquire_many(
         self, names: Sequence[str], identifiers: Sequence[str], worker: str, won: dict[str, int]
@@ -191,25 +183,33 @@ class Acquirer:
         job as each returns: if a later one fails, the caller still knows the earlier."""
         for start in range(0, len(names), MANY_CHUNK):
             chunk = range(start, min(start + MANY_CHUNK, len(names)))
-            compiled = self._many.get(len(chunk))
-            if compiled is None:
-                statement = self._rows_statement(len(chunk))
-                compiled = _Compiled(self._engine, statement, _rows_inputs(len(chunk)))
-                self._many = {len(chunk): compiled}  # the sizes of one caller, usually
             values: list[Any] = [worker]
             for i in chunk:
-                name, identifier = names[i], identifiers[i]
-                if self._encode:
-                    values += (name.encode(), identifier.encode())
-                else:
-                    values += (name, identifier)
-            for row_id, name in await self._call(compiled.sql, compiled.arguments(values), True):
+                values += (names[i], identifiers[i])
+            for row_id, name in await self._call(len(chunk), values):
                 won[name.decode() if isinstance(name, bytes) else name] = int(row_id)
 
+    def _compiled(self, rows: int) -> _Compiled:
+        """The acquire (``rows`` 0), or lock_many()'s INSERT of ``rows`` rows, compiled
+        for the dialect on first use: after a connection, when the dialect knows its
+        server (MySQL's and MariaDB's column types depend on it, see ExactText)."""
+        compiled = self._compiled_for.get(rows)
+        if compiled is None:
+            if rows:
+                statement, inputs = self._rows_statement(rows), _rows_inputs(rows)
+                # Only the sizes in use lately: one caller's, usually.
+                self._compiled_for = {k: v for k, v in self._compiled_for.items() if not k}
+            else:
+                statement = self._acquire_statement
+                inputs = {name: i for i, name in enumerate(_INPUTS)}
+            compiled = self._compiled_for[rows] = _Compiled(self._engine, statement, inputs)
+        return compiled
+
     async def _call(
-        self, sql: str, arguments: Any, rows: bool, doubt: tuple[str, str] | None = None
+        self, rows: int, values: Sequence[Any], doubt: tuple[str, str] | None = None
     ) -> Any:
-        """Run one statement on a kept connection, within the timeout.
+        """Run the acquire (``rows`` 0: the new id, or None) or a multi-row INSERT (every
+        row it returned) on a kept connection, within the timeout.
 
         ``doubt``: the tick an acquire decides. If its caller is cancelled after the
         INSERT was sent, the outcome is unknown, and ``in_doubt`` settles the tick
@@ -229,13 +229,15 @@ class Acquirer:
                 async with asyncio.timeout_at(deadline):
                     pooled = await self._checkout()
             try:
+                compiled = self._compiled(rows)
+                sql, arguments, many = compiled.sql, compiled.arguments(values), rows > 0
                 if self._driver == "asyncpg":
                     # The driver's own statement timeout costs less than a timeout
                     # scope, and a lost race here is a round trip of tens of µs.
-                    result = await self._send(pooled, sql, arguments, rows, deadline - loop.time())
+                    result = await self._send(pooled, sql, arguments, many, deadline - loop.time())
                 else:
                     async with asyncio.timeout_at(deadline):
-                        result = await self._send(pooled, sql, arguments, rows, None)
+                        result = await self._send(pooled, sql, arguments, many, None)
             except BaseException as error:
                 self._release(pooled, error)
                 if doubt is not None and isinstance(error, asyncio.CancelledError):

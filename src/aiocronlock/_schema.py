@@ -42,12 +42,24 @@ class Status(enum.StrEnum):
     SKIPPED = "SKIPPED"
 
 
+def exact_collation(dialect: Dialect) -> str | None:
+    """A binary, NO PAD collation of MySQL or MariaDB: text compared byte for byte,
+    trailing spaces included; None where the server has none (MySQL before 8.0.17)."""
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"
+    version = getattr(dialect, "server_version_info", None) or ()
+    return "utf8mb4_0900_bin" if tuple(version) >= (8, 0, 17) else None
+
+
 class ExactText(TypeDecorator[str]):
     """Text compared byte for byte on every backend.
 
-    PostgreSQL and SQLite compare strings exactly already. MySQL and MariaDB
-    collations fold case, accents or trailing spaces, which would make ``"job"``
-    and ``"Job "`` the same tick; there the value is stored as UTF-8 bytes instead.
+    PostgreSQL and SQLite compare strings exactly already. MySQL's and MariaDB's usual
+    collations fold case, accents or trailing spaces, which would make ``"job"`` and
+    ``"Job "`` the same tick: there the column takes a binary NO PAD collation (see
+    :func:`exact_collation`), and stays text that SQL clients and BI tools read as
+    such. On a MySQL without one, and in tables made by aiocronlock 0.1, the column is
+    VARBINARY: values are sent as text all the same, and bytes read back are decoded.
     """
 
     impl = String(MAX_NAME_LENGTH)
@@ -55,13 +67,14 @@ class ExactText(TypeDecorator[str]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(VARBINARY(MAX_NAME_LENGTH * 4))
-        return dialect.type_descriptor(String(MAX_NAME_LENGTH))
+            from sqlalchemy.dialects.mysql import VARCHAR  # slow to import: only here
 
-    def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
-        if value is not None and dialect.name in ("mysql", "mariadb"):
-            return value.encode("utf-8")
-        return value
+            collation = exact_collation(dialect)
+            if collation is None:
+                return dialect.type_descriptor(VARBINARY(MAX_NAME_LENGTH * 4))
+            text = VARCHAR(MAX_NAME_LENGTH, charset="utf8mb4", collation=collation)
+            return dialect.type_descriptor(text)
+        return dialect.type_descriptor(String(MAX_NAME_LENGTH))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
         if isinstance(value, bytes | bytearray):
