@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._errors import BackendError, TableMissingError
@@ -26,16 +28,19 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 #: 10 ms later always switched. So it is retried, this many times at most.
 _WAL_ATTEMPTS = 10
 _WAL_RETRY_S = 0.01
+#: ``create_engine(skip_autocommit_rollback=...)`` is SQLAlchemy 2.0.43+.
+_SKIPS_AUTOCOMMIT_ROLLBACK = (
+    "skip_autocommit_rollback" in inspect.signature(DefaultDialect.__init__).parameters
+)
 
 
 def create_engine_from_url(url: URL) -> AsyncEngine:
     """An engine owned by a locker: autocommit, so that acquiring is a single round trip."""
     backend = url.get_backend_name()
-    options: dict[str, Any] = {
-        "isolation_level": "AUTOCOMMIT",
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
+    if _SKIPS_AUTOCOMMIT_ROLLBACK:
         # A connection in autocommit has nothing to roll back when it returns to the pool.
-        "skip_autocommit_rollback": True,
-    }
+        options["skip_autocommit_rollback"] = True
     in_memory = backend == "sqlite" and url.database in (None, "", ":memory:")
     if not in_memory:  # an in-memory database has one connection, in a StaticPool
         # Enough connections for a burst of concurrent ticks without reconnecting.
