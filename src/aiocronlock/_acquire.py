@@ -17,6 +17,7 @@ which works whether the INSERT landed, is still on its way, or never left.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -111,6 +112,19 @@ def _refused(error: BaseException) -> bool:
 #: ``info`` lasts as long as its driver connection.
 _PREPARED = "aiocronlock prepared acquire"
 
+#: Where a kept asyncpg connection holds its prepared statements, by SQL text.
+_PREPARED_PG = "aiocronlock prepared statements"
+
+#: What a pooler in transaction mode (PgBouncer) answers to a statement prepared on
+#: another server connection: the statement did not run (PostgreSQL's SQLSTATE).
+_POOLER_SQLSTATES = frozenset({"26000", "42P05"})  # invalid statement name; exists already
+
+
+def _statement_name(sql: str) -> str:
+    """A prepared statement's name given by its text: should a pooler run it on
+    another client's server connection, the statement there is the same."""
+    return "aiocronlock_" + hashlib.blake2b(sql.encode(), digest_size=20).hexdigest()
+
 
 class Acquirer:
     """Sends the acquire statements of one locker on connections kept for them.
@@ -155,6 +169,8 @@ class Acquirer:
         # Connections being closed after an error, for aclose() to wait on.
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
+        # Set once a pooler lost a prepared statement: asyncpg then sends unnamed ones.
+        self._behind_pooler = False
 
     @property
     def decides_many(self) -> bool:
@@ -308,6 +324,8 @@ class Acquirer:
             return not connection.is_closed()
         if self._driver == "asyncmy":
             return bool(connection.connected)
+        if self._driver == "psycopg":
+            return not connection.closed
         return True
 
     async def _connect(self) -> PoolProxiedConnection:
@@ -326,6 +344,8 @@ class Acquirer:
             # may leave its connections in a transaction mode.
             if self._driver == "asyncmy":
                 await connection.autocommit(True)
+            elif self._driver == "psycopg" and not connection.autocommit:
+                await connection.set_autocommit(True)
             elif self._driver == "aiosqlite" and not self._shared:
                 connection.isolation_level = None
         except BaseException:
@@ -350,9 +370,29 @@ class Acquirer:
         if driver == "asyncpg":
             if driver_timeout is not None and driver_timeout <= 0:
                 raise TimeoutError
+            if not self._behind_pooler:
+                try:
+                    return await self._send_prepared(pooled, sql, arguments, rows, driver_timeout)
+                except Exception as error:
+                    if getattr(error, "sqlstate", None) not in _POOLER_SQLSTATES:
+                        raise
+                    self._behind_pooler = True
+                    logger.info(
+                        "a pooler in transaction mode lost a prepared statement (%s): "
+                        "acquiring with unnamed statements from now on",
+                        type(error).__name__,
+                    )
+            # Unnamed (with asyncpg's statement cache off, as on a locker's own engine):
+            # one round trip more, on one server connection.
             if rows:
                 return await connection.fetch(sql, *arguments, timeout=driver_timeout)
             return await connection.fetchval(sql, *arguments, timeout=driver_timeout)
+        if driver == "psycopg":
+            cursor = await connection.execute(sql, arguments)
+            if rows:
+                return await cursor.fetchall()
+            row = await cursor.fetchone()
+            return None if row is None else row[0]
         if driver == "asyncmy":
             if not rows:
                 # Prepared once per connection: the server then does not parse it on
@@ -375,6 +415,38 @@ class Acquirer:
                 await connection.commit()
             return fetched if rows else (fetched[0][0] if fetched else None)
         return await greenlet_spawn(self._send_dbapi, pooled, sql, arguments, rows)
+
+    async def _send_prepared(
+        self,
+        pooled: PoolProxiedConnection,
+        sql: str,
+        arguments: Any,
+        rows: bool,
+        driver_timeout: float | None,
+    ) -> Any:
+        """asyncpg: a statement prepared once per connection, under a name of its own
+        (the connection's statement cache may be off), then one round trip per call."""
+        prepared: dict[str, Any] = pooled.info.setdefault(_PREPARED_PG, {})
+        statement = prepared.get(sql)
+        try:
+            if statement is None:
+                began = time.monotonic()
+                statement = await pooled.driver_connection.prepare(  # type: ignore[union-attr]
+                    sql, name=_statement_name(sql), timeout=driver_timeout
+                )
+                if len(prepared) >= 8:  # lock_many()'s sizes come and go
+                    prepared.clear()
+                prepared[sql] = statement
+                if driver_timeout is not None:
+                    driver_timeout -= time.monotonic() - began
+                    if driver_timeout <= 0:
+                        raise TimeoutError
+            if rows:
+                return await statement.fetch(*arguments, timeout=driver_timeout)
+            return await statement.fetchval(*arguments, timeout=driver_timeout)
+        except Exception:
+            prepared.pop(sql, None)  # stale after a schema change, or lost by a pooler
+            raise
 
     def _send_dbapi(
         self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool

@@ -17,7 +17,7 @@ from ._urls import mask_url as mask_url
 from ._urls import parse_url as parse_url
 
 #: The extra that installs each driver.
-_EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiosqlite": "sqlite"}
+_EXTRAS = {"asyncpg": "postgres", "psycopg": "psycopg", "asyncmy": "mysql", "aiosqlite": "sqlite"}
 
 #: How long SQLite waits for another process's write before reporting "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -51,9 +51,22 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
             url = url.update_query_dict({"charset": "utf8mb4"})
     elif backend == "sqlite":
         options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    elif backend == "postgresql":
+        # No named prepared statement may outlive its round trip: a pooler in
+        # transaction mode (PgBouncer) gives the next one another server connection.
+        # The acquire INSERT prepares its own, and stops when a pooler is met.
+        driver = url.get_driver_name()
+        if driver == "asyncpg":
+            # asyncpg's cache, and SQLAlchemy's of asyncpg statements.
+            options["connect_args"] = {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+            }
+        elif driver == "psycopg":
+            options["connect_args"] = {"prepare_threshold": None}
     not_async = ValueError(
         f"engine: {url.drivername!r} is not an asyncio driver; use "
-        "postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
+        "postgresql+asyncpg, postgresql+psycopg, mysql+asyncmy or sqlite+aiosqlite"
     )
     try:
         # The dialect class loads without its driver, so a sync driver is told apart
@@ -64,7 +77,7 @@ def create_engine_from_url(url: URL) -> AsyncEngine:
     except exc.NoSuchModuleError as error:
         raise ValueError(
             f"engine: no SQLAlchemy dialect for {url.drivername!r} in {mask_url(url)!r}; "
-            "use postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite"
+            "use postgresql+asyncpg, postgresql+psycopg, mysql+asyncmy or sqlite+aiosqlite"
         ) from error
     except exc.ArgumentError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
