@@ -79,7 +79,7 @@ def table(backend: Backend) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_every_tick_is_won_exactly_once(backend: Backend, table: str) -> None:
-    processes, lockers, jobs = SHAPES[backend.name]
+    processes, lockers, jobs = SHAPES[backend.dialect]
 
     status, figures = run_harness(
         backend.url, table, processes=processes, lockers=lockers, jobs=jobs

@@ -177,7 +177,7 @@ async def test_a_renewal_is_one_update_and_acquiring_takes_few_statements(
     lock = await a.lock("counted", tick(), exclusive=True, lease=0.6)
     assert lock is not None
     acquiring = list(count_statements.statements)
-    if backend.name == "postgresql":
+    if backend.is_postgres:
         assert len(acquiring) == 1, acquiring
     else:
         assert 1 <= len(acquiring) <= 4, acquiring

@@ -405,12 +405,12 @@ async def test_a_locker_built_from_a_url_disposes_its_engine(backend: Backend) -
 async def test_a_url_without_driver_gets_the_asyncio_driver(
     backend: Backend, engine: AsyncEngine
 ) -> None:
-    bare = make_url(backend.url).set(drivername=backend.name)
+    bare = make_url(backend.url).set(drivername=backend.dialect)
     expected = {
         "sqlite": "sqlite+aiosqlite",
         "postgresql": "postgresql+asyncpg",
         "mysql": "mysql+asyncmy",
-    }[backend.name]
+    }[backend.dialect]
     async with AsyncDBLocker(
         bare.render_as_string(hide_password=False),
         table_name=backend.table_name,

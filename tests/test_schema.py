@@ -139,7 +139,7 @@ DEFAULT_SCHEMA = {"sqlite": "main", "postgresql": "public", "mysql": "test"}
 async def test_a_schema_qualified_table(
     backend: Backend, engine: AsyncEngine, make_locker: LockerFactory
 ) -> None:
-    schema = DEFAULT_SCHEMA[backend.name]
+    schema = DEFAULT_SCHEMA[backend.dialect]
     locker = await make_locker(schema=schema, worker="schema")
     assert locker.table.schema == schema
 

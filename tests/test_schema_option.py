@@ -19,8 +19,8 @@ SCHEMAS = {"postgresql": "aiocronlock_schema_test", "mysql": "test", "sqlite": "
 
 @pytest.fixture
 async def schema(backend: Backend) -> AsyncIterator[str]:
-    name = SCHEMAS[backend.name]
-    if backend.name != "postgresql":
+    name = SCHEMAS[backend.dialect]
+    if not backend.is_postgres:
         yield name
         return
     engine = create_async_engine(backend.url)
@@ -57,7 +57,7 @@ async def test_the_locker_works_in_a_named_schema(backend: Backend, schema: str)
         ]
         assert locker.table.fullname == f"{schema}.{backend.table_name}"
     finally:
-        if backend.name == "postgresql":
+        if backend.is_postgres:
             await locker.aclose()
         else:
             # Not in a schema of the test's own: drop what it made.
