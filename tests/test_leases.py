@@ -323,7 +323,14 @@ async def _take_when_free(
         await asyncio.sleep(0.02)
 
 
-async def _stall_the_holder(backend: Backend, make_locker: LockerFactory) -> StallOutcome:
+async def _stall_the_holder(
+    backend: Backend,
+    make_locker: LockerFactory,
+    *,
+    lease: float = STALL_LEASE,
+    locker_timeout: float | None = STALL_TIMEOUT,
+    delay: float = 0.0,
+) -> StallOutcome:
     """a runs an exclusive job through a proxy; the proxy stalls; b polls for the next tick.
 
     The proxy resumes as soon as a reports its lease lost, so that a can record LOST.
@@ -334,16 +341,17 @@ async def _stall_the_holder(backend: Backend, make_locker: LockerFactory) -> Sta
     b = await make_locker(worker="b")
     tasks: list[asyncio.Task[Any]] = []
     async with Proxy.to(backend.url) as proxy:
+        settings: dict[str, Any] = {} if locker_timeout is None else {"timeout": locker_timeout}
         a = AsyncDBLocker(
             proxy.route(backend.url),
             worker="a",
             table_name=backend.table_name,
             clean_interval=None,
-            timeout=STALL_TIMEOUT,
+            **settings,
         )
         try:
             a_events = EventLog(a)
-            lock = await a.lock(job, t1, exclusive=True, lease=STALL_LEASE)
+            lock = await a.lock(job, t1, exclusive=True, lease=lease)
             assert lock is not None
             stopped: list[float] = []
 
@@ -356,6 +364,7 @@ async def _stall_the_holder(backend: Backend, make_locker: LockerFactory) -> Sta
 
             running = asyncio.create_task(run())
             tasks.append(running)
+            proxy.delay(delay)  # slow answers, before the stall
             async with asyncio.timeout(5):
                 # Stall right after a renewal, so the lease has all of its time left.
                 await a_events.wait_for(EventKind.LEASE_RENEWED)
@@ -427,6 +436,47 @@ async def test_a_stalled_run_is_stopped_before_another_instance_takes_the_job(
         f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
         f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
         f"both ran for {overlap:.2f} s (lease {STALL_LEASE} s, timeout {STALL_TIMEOUT} s)"
+    )
+
+
+# The proxy sits in front of a server: SQLite has no connection to stall.
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
+async def test_with_the_default_timeout_a_stalled_run_stops_before_another_takes_the_job(
+    backend: Backend, make_locker: LockerFactory
+) -> None:
+    """A renewal may wait for the whole default timeout (5 s), longer than this 3 s
+    lease, and a driver may take seconds more to close the stalled connection: the
+    run must stop by its lease's end all the same, not when the renewal gives up."""
+    outcome = await _stall_the_holder(backend, make_locker, lease=3.0, locker_timeout=None)
+    await outcome.taken.unlock()
+
+    assert isinstance(outcome.error, LeaseLostError), outcome.error
+    overlap = outcome.stopped_at - outcome.taken_at
+    assert overlap <= 0, (
+        f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
+        f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
+        f"both ran for {overlap:.2f} s (lease 3 s, the default timeout)"
+    )
+
+
+# The proxy sits in front of a server: SQLite has no connection to stall.
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
+async def test_after_slow_answers_a_stalled_run_stops_before_another_takes_the_job(
+    backend: Backend, make_locker: LockerFactory
+) -> None:
+    """Each answer arrives half a second after its statement ran: the lease must be counted
+    from when the renewal was sent, as the database counts it, not from the answer."""
+    outcome = await _stall_the_holder(
+        backend, make_locker, lease=3.0, locker_timeout=None, delay=0.25
+    )
+    await outcome.taken.unlock()
+
+    assert isinstance(outcome.error, LeaseLostError), outcome.error
+    overlap = outcome.stopped_at - outcome.taken_at
+    assert overlap <= 0, (
+        f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
+        f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
+        f"both ran for {overlap:.2f} s (lease 3 s, answers late)"
     )
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from ._errors import BackendError, LeaseLostError
+from ._errors import LeaseLostError
 from ._events import EventKind
 from ._schema import Status
 
@@ -63,6 +63,7 @@ class Lock:
         "_keeper",
         "_lost",
         "_lost_reason",
+        "_renewal",
         "_store",
         "_task",
         "_token",
@@ -86,6 +87,7 @@ class Lock:
         worker: str,
         run_time: datetime,
         lease: timedelta | None = None,
+        lease_sent: float | None = None,
     ) -> None:
         self._store = store
         self._events = events
@@ -109,12 +111,13 @@ class Lock:
         self._lost: asyncio.Event | None = None
         #: Cancel the task in the ``async with`` block when the lease is lost.
         self.cancel_on_loss = True
+        self._renewal: asyncio.Future[bool] | None = None
         if lease is not None:
-            # The lease was taken no earlier than now: count from here, not from when
-            # the keeper first runs (the event loop may be blocked before that).
-            confirmed = asyncio.get_running_loop().time()
+            # The lease runs from when the statement that took it was sent (the loop's
+            # clock): the database started it no earlier than that.
+            sent = asyncio.get_running_loop().time() if lease_sent is None else lease_sent
             self._keeper = asyncio.create_task(
-                self._keep_lease(confirmed), name=f"aiocronlock lease {job_name} #{id}"
+                self._keep_lease(sent), name=f"aiocronlock lease {job_name} #{id}"
             )
 
     @property
@@ -143,39 +146,46 @@ class Lock:
     # -- the lease of an exclusive lock ---------------------------------------------------------
 
     async def _keep_lease(self, confirmed: float) -> None:
+        """Renew the lease every third of it; lose it at its end, as counted from when the
+        last statement that took or renewed it was sent, less a margin.
+
+        The keeper never waits on a renewal past that point: a stalled connection, or a
+        driver slow to close one, cannot keep the run going after the database let
+        another instance take the job.
+        """
         assert self.lease is not None
         loop = asyncio.get_running_loop()
         lease = self.lease.total_seconds()
-        # The database lease ends at the earliest `lease` after the last renewal was
-        # sent. Give up a little before that, so the run stops before any other
-        # instance can take the job; a renewal may not eat into that margin either.
         margin = lease * _LEASE_MARGIN
         while True:
             deadline = confirmed + lease - margin
-            if loop.time() < deadline:
-                await asyncio.sleep(min(lease / 3, deadline - loop.time()))
+            next_renewal = min(confirmed + lease / 3, deadline)  # past, after a failure
+            if loop.time() < next_renewal:
+                await asyncio.sleep(next_renewal - loop.time())
             sent = loop.time()
             if sent >= deadline:
                 self._lose(f"no renewal for {sent - confirmed:.1f} s, the lease is {lease:g} s")
                 return
-            try:
-                async with asyncio.timeout(deadline - sent):
-                    renewed = await self._store.renew(self.job_name, self.id, self.lease)
-            except TimeoutError:
-                continue  # the deadline has passed: lost, at the top of the loop
-            except BackendError as error:
+            renewal = asyncio.ensure_future(self._store.renew(self.job_name, self.id, self.lease))
+            renewal.add_done_callback(_retrieved)
+            self._renewal = renewal
+            await asyncio.wait({renewal}, timeout=deadline - sent)
+            if not renewal.done():
+                renewal.cancel()  # it ends in the background; the run stops now
+                self._lose(f"no renewal answered within the lease ({lease:g} s)")
+                return
+            error = renewal.exception()
+            if error is not None:
                 logger.warning("could not renew the lease of %r: %s", self, error)
+                # Again soon, while the lease lasts.
+                await asyncio.sleep(max(0.0, min(lease / 6, deadline - loop.time())))
                 continue
-            if not renewed:
+            if not renewal.result():
                 self._lose("the lease expired or was taken over")
                 return
             confirmed = sent
             if self._events:
-                self._emit(
-                    EventKind.LEASE_RENEWED,
-                    lock_id=self.id,
-                    run_time=self.run_time,
-                )
+                self._emit(EventKind.LEASE_RENEWED, lock_id=self.id, run_time=self.run_time)
 
     def _lose(self, reason: str) -> None:
         if self.lost:
@@ -196,6 +206,8 @@ class Lock:
             self._task.cancel(f"aiocronlock: {self!r} lost its lease")
 
     async def _stop_keeper(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
         keeper, self._keeper = self._keeper, None
         if keeper is not None and keeper is not asyncio.current_task():
             keeper.cancel()
@@ -279,3 +291,9 @@ class Lock:
             f"Lock(id={self.id}, job_name={self.job_name!r}, identifier={self.identifier!r}, "
             f"worker={self.worker!r})"
         )
+
+
+def _retrieved(future: asyncio.Future[bool]) -> None:
+    """Mark a renewal's error as seen: the keeper may have stopped waiting for it."""
+    if not future.cancelled():
+        future.exception()

@@ -314,7 +314,7 @@ class AsyncDBLocker:
         If the caller is cancelled meanwhile, the statement still completes (within
         the timeout) and a row it won is marked FAILED, never left RUNNING.
         """
-        overlap = False
+        overlap, sent = False, None
         if lease is None:
             try:
                 row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
@@ -323,6 +323,7 @@ class AsyncDBLocker:
             except Exception as error:
                 raise self.store.error(error, f"lock({job_name!r})") from error
         else:
+            sent = asyncio.get_running_loop().time()  # the lease runs from here at best
             deciding = asyncio.ensure_future(
                 self.store.acquire_exclusive(job_name, identifier, self.worker, lease)
             )
@@ -332,7 +333,7 @@ class AsyncDBLocker:
                 abandon = self._abandon_exclusive(deciding, job_name, identifier)
                 await asyncio.shield(self._in_background(abandon))
                 raise
-        return self._decided(job_name, identifier, run_time, row_id, overlap, lease)
+        return self._decided(job_name, identifier, run_time, row_id, overlap, lease, sent)
 
     async def _abandon(self, job_name: str, identifier: str) -> None:
         """After lock() was cancelled mid-INSERT: record the tick FAILED, whether the
@@ -391,6 +392,7 @@ class AsyncDBLocker:
         row_id: int | None,
         overlap: bool = False,
         lease: timedelta | None = None,
+        lease_sent: float | None = None,
     ) -> Lock | None:
         """The outcome of an acquire: the Lock of a row won, else None; logged and emitted."""
         if row_id is None:
@@ -417,6 +419,7 @@ class AsyncDBLocker:
             worker=self.worker,
             run_time=run_time,
             lease=lease,
+            lease_sent=lease_sent,
         )
 
     def _identify(self, job_name: str, run_time: datetime) -> str:
