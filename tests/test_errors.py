@@ -292,3 +292,66 @@ def test_errors_that_say_the_connection_is_gone() -> None:
     assert not lost_connection(MySQLOperationalError(1205, "Lock wait timeout exceeded"))
     assert not lost_connection(PostgresInterfaceError("another operation is in progress"))
     assert not lost_connection(ValueError("bad input"))
+
+
+# -- what a failover meets -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_a_refused_connect_names_every_host_tried() -> None:
+    first, second = _free_port(), _free_port()
+    hosts = f"host=127.0.0.1:{first}&host=127.0.0.1:{second}"
+    for attrs, expected in [
+        ("", f"could not connect to 127.0.0.1:{first}, 127.0.0.1:{second}: check that"),
+        (
+            "&target_session_attrs=read-write",
+            f"no server among 127.0.0.1:{first}, 127.0.0.1:{second} accepted a read-write",
+        ),
+    ]:
+        locker = AsyncDBLocker(f"postgresql://u:{PASSWORD}@/db?{hosts}{attrs}", clean_interval=None)
+        try:
+            with pytest.raises(BackendError) as info:
+                await locker.lock("job")
+        finally:
+            await locker.aclose()
+        assert expected in str(info.value)
+        assert "lost" not in str(info.value)
+        assert PASSWORD not in str(info.value)
+
+
+def test_a_read_only_server_and_a_dropped_connection_say_so() -> None:
+    from asyncpg.exceptions import InterfaceError, ReadOnlySQLTransactionError
+    from sqlalchemy import exc
+
+    from aiocronlock._engine import lost_connection, translate_error
+
+    def message(error: BaseException) -> str:
+        translated = translate_error(
+            error,
+            "lock('job')",
+            target="postgresql+asyncpg://u:***@db1:5432/db",
+            table="t",
+            timeout=5,
+            disconnected=lost_connection(error),
+        )
+        return str(translated)
+
+    read_only = ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+    assert "the server is a standby (read-only)" in message(read_only)
+    assert "target_session_attrs=read-write" in message(read_only)
+    assert not lost_connection(read_only)
+
+    closed = InterfaceError("connection is closed")
+    assert lost_connection(closed)
+    wrapped = exc.InterfaceError("UPDATE ...", {}, closed, connection_invalidated=True)
+    for error in (closed, wrapped):
+        assert "the connection was dropped" in message(error)
+        assert "the next call reconnects" in message(error)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
+import socket
 import time
 from typing import Any
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -129,7 +131,10 @@ def translate_error(
     timeout: float | None,
     disconnected: bool = False,
 ) -> BackendError:
-    """A ``BackendError`` for ``error``, which the caller chains as its cause."""
+    """A ``BackendError`` for ``error``, which the caller chains as its cause.
+
+    ``target``: the URL with its password hidden, whose hosts a failed connect names.
+    """
     if isinstance(error, TimeoutError):
         return BackendError(
             f"{operation} on {target}",
@@ -142,9 +147,59 @@ def translate_error(
     text = str(original).strip().splitlines()[0] if str(original).strip() else ""
     reason = f"{type(original).__name__}: {text}" if text else type(original).__name__
     hint = None
-    if disconnected or (isinstance(error, exc.DBAPIError) and error.connection_invalidated):
-        hint = "the connection was lost; the next call reconnects"
+    # The driver's own error, under SQLAlchemy's adaptation of it.
+    causes = (original, original.__cause__)
+    read_write = "target_session_attrs=read-write" in target
+    if any(type(e).__name__ == "TargetServerAttributeNotMatched" for e in causes):
+        hint = (
+            f"every server among {_hosts(target)} is a standby (read-only): "
+            "list the primary in the URL, or promote a standby"
+        )
+    elif any(getattr(e, "sqlstate", None) == "25006" for e in causes):
+        hint = (
+            "the server is a standby (read-only): put the primary in the URL, or list every "
+            "host of the cluster (?host=h1:port&host=h2:port) with "
+            "target_session_attrs=read-write"
+        )
+    elif _unreachable(original):
+        tried = _hosts(target)
+        if read_write:
+            hint = (
+                f"no server among {tried} accepted a read-write connection: check that the "
+                "primary is up and listed (after a failover, the promoted server too)"
+            )
+        else:
+            hint = f"could not connect to {tried}: check that the server is up and reachable"
+    elif disconnected or (isinstance(error, exc.DBAPIError) and error.connection_invalidated):
+        hint = (
+            "the connection was dropped (the server closed it or went away); "
+            "the next call reconnects"
+        )
     return BackendError(f"{operation} on {target}", reason, hint=hint)
+
+
+def _hosts(target: str) -> str:
+    """The hosts a URL (password hidden) names, as ``host:port, host:port``."""
+    try:
+        url = make_url(target)
+    except exc.ArgumentError:
+        return "the URL's hosts"
+    listed = url.query.get("host", ())
+    hosts = [listed] if isinstance(listed, str) else list(listed)
+    if not hosts:
+        hosts = [f"{url.host or 'localhost'}" + (f":{url.port}" if url.port else "")]
+    return ", ".join(hosts)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says no connection could be opened (refused, unknown host...)."""
+    if isinstance(error, ConnectionRefusedError | socket.gaierror):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return True
+    if isinstance(error, OSError) and "Connect call failed" in str(error):
+        return True  # asyncio, when every address of a host failed
+    return bool(error.args) and error.args[0] == 2003  # MySQL: CR_CONN_HOST_ERROR
 
 
 def _is_missing_table(error: BaseException) -> bool:
@@ -167,6 +222,8 @@ def lost_connection(error: BaseException) -> bool:
         return True
     if "Connection" in type(error).__name__:  # asyncpg: ConnectionDoesNotExistError...
         return True
+    if "connection is closed" in str(error):
+        return True  # asyncpg and psycopg, on a connection the server closed
     code = error.args[0] if error.args else None
     if code == 0 and type(error).__name__ == "InterfaceError":
         return True  # asyncmy: the connection was closed ("Not connected")
