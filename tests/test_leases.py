@@ -327,7 +327,7 @@ async def _stall_the_holder(
     backend: Backend,
     make_locker: LockerFactory,
     *,
-    lease: float = STALL_LEASE,
+    lease_s: float = STALL_LEASE,
     locker_timeout: float | None = STALL_TIMEOUT,
     delay: float = 0.0,
 ) -> StallOutcome:
@@ -351,7 +351,7 @@ async def _stall_the_holder(
         )
         try:
             a_events = EventLog(a)
-            lock = await a.lock(job, t1, exclusive=True, lease=lease)
+            lock = await a.lock(job, t1, exclusive=True, lease=lease_s)
             assert lock is not None
             stopped: list[float] = []
 
@@ -447,7 +447,7 @@ async def test_with_the_default_timeout_a_stalled_run_stops_before_another_takes
     """A renewal may wait for the whole default timeout (5 s), longer than this 3 s
     lease, and a driver may take seconds more to close the stalled connection: the
     run must stop by its lease's end all the same, not when the renewal gives up."""
-    outcome = await _stall_the_holder(backend, make_locker, lease=3.0, locker_timeout=None)
+    outcome = await _stall_the_holder(backend, make_locker, lease_s=3.0, locker_timeout=None)
     await outcome.taken.unlock()
 
     assert isinstance(outcome.error, LeaseLostError), outcome.error
@@ -467,7 +467,7 @@ async def test_after_slow_answers_a_stalled_run_stops_before_another_takes_the_j
     """Each answer arrives half a second after its statement ran: the lease must be counted
     from when the renewal was sent, as the database counts it, not from the answer."""
     outcome = await _stall_the_holder(
-        backend, make_locker, lease=3.0, locker_timeout=None, delay=0.25
+        backend, make_locker, lease_s=3.0, locker_timeout=None, delay=0.25
     )
     await outcome.taken.unlock()
 
