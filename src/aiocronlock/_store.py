@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import Executable
+from sqlalchemy import Executable, event, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._engine import describe, lost_connection, translate_error
@@ -63,6 +63,17 @@ def aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _replace_if_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Pool checkout: a connection the server closed while it sat in the pool (a
+    restart, a failover) is replaced, rather than handed out to fail the statement
+    (an ``unlock()`` would leave its row RUNNING)."""
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    is_closed = getattr(driver, "is_closed", None)  # asyncpg
+    closed = is_closed() if callable(is_closed) else getattr(driver, "closed", False)  # psycopg
+    if closed is True or getattr(driver, "connected", True) is False:  # asyncmy
+        raise exc.DisconnectionError("the server closed this pooled connection")
+
+
 class Store:
     """Runs the lock table's statements, each within ``timeout`` seconds."""
 
@@ -77,6 +88,9 @@ class Store:
         self.target = describe(engine)
         # Lease rows this store has made sure exist (MySQL and SQLite make them lazily).
         self._lease_rows: set[str] = set()
+        pool = engine.sync_engine.pool
+        if not event.contains(pool, "checkout", _replace_if_closed):
+            event.listen(pool, "checkout", _replace_if_closed)
 
     async def run(self, operation: str, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
