@@ -99,7 +99,8 @@ async def lockers(
 async def _drop(table: str) -> None:
     metadata = MetaData()
     lock_table(metadata, name=table)
-    engine = create_async_engine(_driver("asyncpg"), poolclass=NullPool)
+    engine = WAYS["asyncpg engine, NullPool"]()
+    assert isinstance(engine, AsyncEngine)
     try:
         async with engine.begin() as conn:
             await conn.run_sync(lambda sync: metadata.drop_all(sync, checkfirst=True))
