@@ -10,6 +10,7 @@ the current time rounded to the nearest step of the locker's identifier precisio
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -54,6 +55,12 @@ def locked(
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | None]]:
         job_name = name if name is not None else f"{func.__module__}.{func.__qualname__}"
         check_name("name", job_name)
+        if job_lease is not None and not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"exclusive=True needs a coroutine function, and {job_name!r} is not one: "
+                "code run in a thread cannot be stopped when its lease is lost; make it "
+                "`async def`, or guard it without exclusive=True"
+            )
 
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:

@@ -10,6 +10,7 @@ a fraction of the interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -45,10 +46,14 @@ class Job:
     #: The lease of exclusive runs; ``None``: the locker's default.
     lease: timedelta | None = None
     _runs: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    #: Threads of cancelled plain-function runs that have not returned yet: a thread
+    #: cannot be stopped, and no new run may start beside it.
+    _orphans: int = field(default=0, repr=False)
 
     @property
     def running(self) -> bool:
-        return bool(self._runs)
+        """Whether a run of this job is going on here (its task, or its thread)."""
+        return bool(self._runs) or self._orphans > 0
 
 
 def _default_name(func: Callable[..., Any]) -> str:
@@ -129,6 +134,12 @@ class Scheduler:
                 f"{schedule.interval.total_seconds():g}))"
             )
         job_lease = lease_for(self.locker, exclusive, lease) if exclusive or lease else None
+        if exclusive and not _is_async(func):
+            raise TypeError(
+                f"exclusive=True needs a coroutine function, and {job_name!r} is a plain "
+                "function, which runs in a thread that nothing can stop when its lease is "
+                "lost: make it `async def`, or schedule it without exclusive=True"
+            )
         job = Job(
             job_name,
             func,
@@ -254,7 +265,7 @@ class Scheduler:
             scheduled = following
 
     def _start_tick(self, job: Job, scheduled: datetime) -> None:
-        if job.running and job.skip_if_running:
+        if job._orphans or (job.running and job.skip_if_running):
             logger.debug("%r: skipping %s, the previous run is still going", job.name, scheduled)
             if self.locker.events:
                 self.locker.events.emit(
@@ -288,17 +299,44 @@ class Scheduler:
             return
         try:
             async with lock:
-                await _call(job.func)
+                await _call(job)
         except Exception:
             logger.exception("%r: the run at %s failed", job.name, scheduled.isoformat())
 
 
-async def _call(func: JobFunction) -> None:
-    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+def _is_async(func: JobFunction) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - async callable objects
-    ):
+    )
+
+
+async def _call(job: Job) -> None:
+    """Run the job's function: awaited, or in a thread for a plain one."""
+    func = job.func
+    if _is_async(func):
         await func()
         return
-    result = await asyncio.to_thread(func)
+    loop = asyncio.get_running_loop()
+    thread = {"ended": False, "orphaned": False}
+
+    def ended() -> None:
+        thread["ended"] = True
+        if thread["orphaned"]:
+            job._orphans -= 1
+
+    def in_thread() -> object:
+        try:
+            return func()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(ended)
+
+    try:
+        result = await asyncio.to_thread(in_thread)
+    except asyncio.CancelledError:
+        if not thread["ended"]:  # the run is cancelled, its thread goes on
+            thread["orphaned"] = True
+            job._orphans += 1
+        raise
     if inspect.isawaitable(result):
         await result
