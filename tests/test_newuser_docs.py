@@ -48,7 +48,7 @@ async def test_the_readme_quick_start_stops_on_ctrl_c_without_a_traceback(tmp_pa
 
 
 def test_help_documents_every_parameter_and_attribute() -> None:
-    text = pydoc.render_doc(AsyncDBLocker, renderer=pydoc.plaintext)
+    text = pydoc.render_doc(AsyncDBLocker, renderer=pydoc.TextDoc())
     for name in ("clean_batch_size", "lease", "worker", "engine", "clock_offset", "closed"):
         assert f"{name}" in text, name
     lock_doc = AsyncDBLocker.lock.__doc__ or ""

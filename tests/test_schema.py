@@ -204,7 +204,9 @@ async def test_mysql_names_are_text_a_sql_client_reads_as_such(
             await conn.exec_driver_sql(f"SELECT job_name FROM {backend.table_name} ORDER BY id")
         ).scalars()
         read = list(plain)
-    assert [(str(c[1]).lower(), str(c[2]).endswith("_bin")) for c in columns] == [
+    assert [
+        (str(c.data_type).lower(), str(c.collation_name).endswith("_bin")) for c in columns
+    ] == [
         ("varchar", True),
         ("varchar", True),
     ]
