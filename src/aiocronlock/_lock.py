@@ -246,8 +246,13 @@ class Lock:
                 await update
             except Exception:
                 logger.exception("could not record %s for %r", status.value, self)
+                self._store.finish_later(self.id, status, release_job=release)
             else:
                 self._finished(status)
+            raise
+        except Exception:
+            # The run has ended all the same: record it once the database is back.
+            self._store.finish_later(self.id, status, release_job=release)
             raise
         self._finished(status)
 

@@ -235,6 +235,7 @@ class AsyncDBLocker:
         if self._background:
             await asyncio.wait(set(self._background))
         await self._acquirer.aclose()
+        await self.store.aclose()
         if self._owns_engine:
             try:
                 async with asyncio.timeout(self.timeout):

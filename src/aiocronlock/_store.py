@@ -9,6 +9,7 @@ keeps cancelling until the block exits, even while a driver's cleanup awaits.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,8 @@ from ._schema import Status
 from ._sql import Statements, lease_param
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("aiocronlock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,8 @@ class Store:
         self.timeout = timeout
         #: The engine's URL with the password hidden, for messages.
         self.target = describe(engine)
+        # Outcomes being recorded in the background (see finish_later).
+        self._pending: set[asyncio.Task[None]] = set()
         # Lease rows this store has made sure exist (MySQL and SQLite make them lazily).
         self._lease_rows: set[str] = set()
         pool = engine.sync_engine.pool
@@ -134,6 +139,43 @@ class Store:
             return bool((await conn.execute(self.sql.abandon, params)).rowcount)
 
         return await self.run(f"lock({job_name!r}) after it was interrupted", abandon)
+
+    def finish_later(self, lock_id: int, status: Status, *, release_job: str | None) -> None:
+        """Keep trying to record a run's outcome, in the background, after ``finish()``
+        failed: the run has ended, and its row must not stay RUNNING once the database
+        is back. Attempts back off from half a second to a minute; ``aclose()`` stops
+        them."""
+        task = asyncio.ensure_future(self._finish_when_back(lock_id, status, release_job))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish_when_back(
+        self, lock_id: int, status: Status, release_job: str | None
+    ) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.finish(lock_id, status, release_job=release_job)
+            except BackendError as error:
+                logger.debug("row %d: %s still not recorded: %s", lock_id, status.value, error)
+                delay = min(delay * 2, 60.0)
+                continue
+            logger.info("row %d: %s recorded, the database is back", lock_id, status.value)
+            return
+
+    async def aclose(self) -> None:
+        """Stop the background attempts; say which outcomes were never recorded."""
+        pending, self._pending = self._pending, set()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            logger.warning(
+                "%d run outcome(s) could not be recorded before closing: their rows stay "
+                "RUNNING until pruned",
+                len(pending),
+            )
 
     async def renew(self, job_name: str, lock_id: int, lease: timedelta) -> bool:
         """Extend a run's lease; False when it is no longer the run's (expired or taken)."""
