@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from aiocronlock import CronTrigger, Scheduler
+from aiocronlock import CronTrigger, Scheduler, current_lock
 from aiocronlock.testing import FakeClock, memory_locker
 from conftest import Backend, LockerFactory
 
@@ -112,3 +112,44 @@ async def test_the_fake_clock_runs_a_quarter_hour_of_jobs_without_waiting() -> N
         f"2025-01-01T00:{m:02d}:00Z" for m in range(1, 16)
     ]
     assert {run.status for run in report_runs + beat_runs} == {"FINISHED"}
+
+
+async def test_instances_five_seconds_apart_fire_every_tick_once(
+    backend: Backend, make_locker: LockerFactory
+) -> None:
+    """Each scheduler fires by the database's clock: an instance 5 s ahead and one on
+    time run each tick at the same moment, so exclusive runs do not crowd each other
+    out and per-tick runs are neither doubled nor dropped."""
+    ran: dict[str, list[tuple[datetime, str]]] = {"exclusive": [], "per-tick": []}
+    schedulers = []
+    for worker, ahead in (("ahead", timedelta(seconds=5)), ("on-time", timedelta(0))):
+        locker = await make_locker(own_engine=True, worker=worker, clock=AheadClock(ahead))
+        await locker.__aenter__()
+        assert locker.clock_offset is not None
+        scheduler = Scheduler(locker)
+        for name, exclusive in (("exclusive", True), ("per-tick", False)):
+
+            async def job(name: str = name, worker: str = worker) -> None:
+                ran[name].append((current_lock().run_time, worker))
+                await asyncio.sleep(0.2)
+
+            scheduler.add_job(job, timedelta(seconds=1), name=name, exclusive=exclusive)
+        schedulers.append(scheduler)
+
+    started = datetime.now(UTC)
+    for scheduler in schedulers:
+        scheduler.start()
+    await asyncio.sleep(5.5)
+    for scheduler in schedulers:
+        await scheduler.stop()
+    ended = datetime.now(UTC)
+
+    # Every whole second strictly inside the window, by the database's (here: real) clock.
+    first = started.replace(microsecond=0) + timedelta(seconds=1)
+    expected = [first + timedelta(seconds=i) for i in range(int((ended - first).total_seconds()))]
+    for name, runs in ran.items():
+        ticks = sorted(tick for tick, _ in runs)
+        assert len(ticks) == len(set(ticks)), f"{name}: a tick ran twice: {ticks}"
+        missing = [t for t in expected if t not in ticks]
+        assert missing == [], f"{name}: ticks never run: {missing}; ran {runs}"
+        assert {worker for _, worker in runs} <= {"ahead", "on-time"}

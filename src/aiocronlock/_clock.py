@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -40,3 +41,34 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class DatabaseClock:
+    """A clock moved by the measured offset to the database's clock.
+
+    Ticks computed from it fall at the same real moment on every instance, whatever
+    their own clocks say: the offset is read at each call, so a new measurement
+    applies at once. A simulated clock (``simulated = True``, as ``FakeClock``) is
+    left as it is: its distance from the database is not drift.
+    """
+
+    def __init__(self, base: Clock, offset: Callable[[], timedelta | None]) -> None:
+        self.base = base
+        self._offset = offset
+
+    def _correction(self) -> timedelta:
+        if getattr(self.base, "simulated", False):
+            return timedelta(0)
+        return self._offset() or timedelta(0)
+
+    def now(self) -> datetime:
+        return self.base.now() + self._correction()
+
+    async def sleep_until(self, moment: datetime) -> None:
+        await self.base.sleep_until(moment - self._correction())
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.base.track(task)
+
+    def __repr__(self) -> str:
+        return f"DatabaseClock({self.base!r})"

@@ -86,7 +86,7 @@ def _tick_time(
     known = _apscheduler4_fire_time()
     if known is not None:
         return known
-    now = locker.clock.now()
+    now = locker.database_clock.now()
     if isinstance(locker.identifier, Precision):
         return locker.identifier.nearest(now)
     return now

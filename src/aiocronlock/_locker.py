@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._acquire import Acquirer
 from ._cleaner import DEFAULT_CLEAN_BATCH_SIZE, Cleaner
-from ._clock import SYSTEM_CLOCK, Clock
+from ._clock import SYSTEM_CLOCK, Clock, DatabaseClock
 from ._engine import create_engine_from_url, parse_url
 from ._errors import BackendError
 from ._events import EventKind, Events, Subscriber
@@ -145,6 +145,9 @@ class AsyncDBLocker:
         self.events = Events()
         #: Database clock minus this instance's clock, measured on start (``check_clock``).
         self.clock_offset: timedelta | None = None
+        #: ``clock`` moved by ``clock_offset``: the database's time, which the scheduler
+        #: fires ticks by, so instances whose clocks differ fire each at the same moment.
+        self.database_clock: Clock = DatabaseClock(self.clock, lambda: self.clock_offset)
         self.table = lock_table(MetaData(), name=table_name, schema=schema)
 
         if isinstance(engine, AsyncEngine):
@@ -438,9 +441,9 @@ class AsyncDBLocker:
 
     def _tick_time(self, run_time: datetime | None) -> tuple[datetime, bool]:
         """The run time in UTC (``None``: now), and whether it is older than ``ttl``."""
-        now = self.clock.now()
         if run_time is None:
-            return now, False
+            return self.database_clock.now(), False
+        now = self.clock.now()  # ttl is hours or days: a clock's offset is nothing to it
         run_time = to_utc("run_time", run_time)
         return run_time, now - run_time > self.ttl
 

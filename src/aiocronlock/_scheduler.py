@@ -56,6 +56,10 @@ class Job:
         return bool(self._runs) or self._orphans > 0
 
 
+#: How often a running scheduler measures its clock's offset to the database's again.
+CLOCK_CHECK_INTERVAL_S = 300.0
+
+
 def _default_name(func: Callable[..., Any]) -> str:
     return f"{func.__module__}.{func.__qualname__}"
 
@@ -75,7 +79,10 @@ class Scheduler:
 
     :param grace_period: on stop, how long running jobs may take to finish before
         they are cancelled (their rows are then marked FAILED).
-    :param clock: the time source; defaults to the locker's (tests pass a ``FakeClock``).
+    :param clock: the time source. By default the locker's, moved by its measured
+        offset to the database's clock (``locker.database_clock``, measured again every
+        five minutes), so that instances whose clocks differ fire each tick at the same
+        moment; a clock given here is used as it is (tests pass a ``FakeClock``).
     """
 
     def __init__(
@@ -88,7 +95,7 @@ class Scheduler:
         if not isinstance(locker, AsyncDBLocker):
             raise TypeError(f"locker must be an AsyncDBLocker, not {type(locker).__name__}")
         self.locker = locker
-        self.clock: Clock = locker.clock if clock is None else clock
+        self.clock: Clock = locker.database_clock if clock is None else clock
         self.grace_period = require_timedelta("grace_period", grace_period).total_seconds()
         self._jobs: dict[str, Job] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -222,6 +229,10 @@ class Scheduler:
             asyncio.create_task(self._job_loop(job), name=f"aiocronlock job {job.name}")
             for job in self._jobs.values()
         ]
+        if self.clock is self.locker.database_clock:
+            self._loops.append(
+                asyncio.create_task(self._measure_clock(), name="aiocronlock clock check")
+            )
 
     async def run(self) -> None:
         """Run until cancelled, then stop cleanly (for ``asyncio.run(scheduler.run())``)."""
@@ -247,6 +258,18 @@ class Scheduler:
                 run.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
         self._started = False
+
+    async def _measure_clock(self) -> None:
+        """Measure the offset to the database's clock now if the locker has not, then
+        every ``CLOCK_CHECK_INTERVAL_S``: clocks drift, and NTP steps them."""
+        if self.locker.clock_offset is not None:
+            await asyncio.sleep(CLOCK_CHECK_INTERVAL_S)
+        while True:
+            try:
+                await self.locker.check_clock()
+            except (BackendError, RuntimeError) as error:
+                logger.debug("could not compare clocks with the database: %s", error)
+            await asyncio.sleep(CLOCK_CHECK_INTERVAL_S)
 
     async def _job_loop(self, job: Job) -> None:
         scheduled = job.trigger.next_after(self.clock.now())
