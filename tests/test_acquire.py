@@ -27,6 +27,9 @@ from conftest import Backend, LockerFactory, StatementCounter, fetch_rows, watch
 _MAX = aiocronlock._acquire.MAX_CONNECTIONS
 MOST = {"sqlite": 1, "postgresql": _MAX, "mysql": _MAX}
 
+#: The hint of an error whose connection the server closed.
+DROPPED = "the connection was dropped (the server closed it or went away); the next call reconnects"
+
 
 def _tick(seconds: int = 0) -> datetime:
     return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
@@ -225,16 +228,13 @@ async def test_in_memory_sqlite_shares_the_engines_one_connection() -> None:
 # -- connections that must not be reused ------------------------------------------------------
 
 
-@pytest.mark.xfail_psycopg(
-    "lost_connection() in _engine.py does not know psycopg's AdminShutdown: no hint"
-)
 async def test_a_connection_the_server_ended_is_not_reused(
     backend: Backend, engine: AsyncEngine, make_locker: LockerFactory, connections: Connections
 ) -> None:
     """PostgreSQL tells asyncpg when it ends a session, and the next call reconnects.
 
     MariaDB closes the socket of a KILLed session, but asyncmy's ``connected`` stays
-    True: the next call may then fail with BackendError ("the connection was lost"),
+    True: the next call may then fail with BackendError (the connection was dropped),
     before anything reached the server (no row), and the call after it reconnects.
     """
     _needs_server(backend)
@@ -257,7 +257,7 @@ async def test_a_connection_the_server_ended_is_not_reused(
     except BackendError as error:
         if backend.name == "postgresql":
             raise
-        assert error.hint == "the connection was lost; the next call reconnects"
+        assert error.hint == DROPPED
         assert [
             r for r in await fetch_rows(engine, backend.table_name) if r["job_name"] == "job"
         ] == []

@@ -37,6 +37,9 @@ WORKER_SCRIPT = Path(__file__).with_name("_fault_worker.py")
 
 LockerMaker = Callable[..., AsyncDBLocker]
 
+#: The hint of an error whose connection the server closed.
+DROPPED = "the connection was dropped (the server closed it or went away); the next call reconnects"
+
 
 def _tick(seconds_from_now: int = 0) -> datetime:
     return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds_from_now)
@@ -281,7 +284,7 @@ async def test_pool_recovers_after_its_connections_are_cut(
         try:
             lock = await locker.lock("after-cut", _tick(i))
         except BackendError as error:
-            assert error.hint == "the connection was lost; the next call reconnects"
+            assert error.hint == DROPPED
             outcomes.append("failed")
         else:
             assert lock is not None
@@ -313,7 +316,7 @@ async def test_connection_dropped_between_insert_and_answer(
         await a.lock(job, tick)
 
     assert sprung.is_set()
-    assert info.value.hint == "the connection was lost; the next call reconnects"
+    assert info.value.hint == DROPPED
     # The server processed the INSERT before its answer was dropped: one RUNNING row,
     # which no one runs (a does not know it won) and no one else can take.
     assert await _statuses(direct, table, job) == [("a", "RUNNING")]

@@ -224,6 +224,9 @@ def lost_connection(error: BaseException) -> bool:
         return True
     if "connection is closed" in str(error):
         return True  # asyncpg and psycopg, on a connection the server closed
+    sqlstate = str(getattr(error, "sqlstate", None) or "")
+    if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
+        return True  # PostgreSQL: connection exception; the server shut the session down
     code = error.args[0] if error.args else None
     if code == 0 and type(error).__name__ == "InterfaceError":
         return True  # asyncmy: the connection was closed ("Not connected")
