@@ -7,9 +7,9 @@ locker's own, made with :meth:`Pool.recreate` from the engine's pool (same URL,
 connect arguments and ``connect`` events), so a user's pool never lends one. An
 in-memory SQLite database has one connection, which is shared instead.
 
-A call runs in its caller's task, bounded by ``asyncio.timeout``: no task, queue or
-shield per call, as those cost as much as a lost race's whole round trip on a local
-PostgreSQL. A caller cancelled mid-statement cannot learn whether its row went in;
+A call runs in its caller's task, bounded by ``asyncio.timeout`` (asyncpg's own
+statement timeout on PostgreSQL): no task, queue or shield per call, as those cost
+as much as a lost race's whole round trip on a local PostgreSQL. A caller cancelled mid-statement cannot learn whether its row went in;
 the locker then records the tick FAILED with one upsert (``Statements.abandon``),
 which works whether the INSERT landed, is still on its way, or never left.
 """
@@ -41,8 +41,8 @@ logger = logging.getLogger("aiocronlock")
 #: proxies close idle connections (MySQL's wait_timeout), and a dead one costs a tick.
 KEEP_IDLE_S = 60.0
 
-#: Connections (and workers) kept for acquiring: enough for a burst of jobs whose ticks
-#: fall together; SQLite has one writer at a time, so one there.
+#: Connections kept for acquiring: enough for a burst of jobs whose ticks fall
+#: together; SQLite has one writer at a time, so one there.
 MAX_CONNECTIONS = 4
 
 #: Jobs per multi-row INSERT of lock_many(): far below every driver's parameter limit.
