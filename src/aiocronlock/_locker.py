@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,9 +38,9 @@ from ._identifiers import IdentifierStrategy, Precision, compute_identifier, pre
 from ._lock import Lock
 from ._loop import OneLoop
 from ._schema import DEFAULT_TABLE_NAME, Status, lock_table
-from ._sql import Statements
+from ._sql import RETRY_SUFFIX, Statements
 from ._store import JobRun, Lease, Store
-from ._validation import check_name, require_timedelta, to_timedelta, to_utc
+from ._validation import MAX_NAME_LENGTH, check_name, require_timedelta, to_timedelta, to_utc
 
 __all__ = ["AsyncDBLocker", "JobRun", "Lease", "default_worker_name", "lease_for"]
 
@@ -53,15 +53,25 @@ def default_worker_name() -> str:
 
 
 def lease_for(
-    locker: AsyncDBLocker, exclusive: bool, lease: timedelta | float | None
+    locker: AsyncDBLocker,
+    exclusive: bool,
+    lease: timedelta | float | None,
+    retry_dead: bool = False,
 ) -> timedelta | None:
     """The lease a run takes: ``None`` for per-tick locking, else ``lease`` or the
     locker's default. Shared by ``lock()``, the scheduler and ``@locked``."""
     if not isinstance(exclusive, bool):
         raise TypeError(f"exclusive must be a bool, not {type(exclusive).__name__}")
-    if not exclusive:
+    if not isinstance(retry_dead, bool):
+        raise TypeError(f"retry_dead must be a bool, not {type(retry_dead).__name__}")
+    if exclusive and retry_dead:
+        raise ValueError(
+            "retry_dead: a tick is retried only in per-tick mode; choose exclusive=True "
+            "(runs never overlap) or retry_dead=True (a dead run's tick runs again)"
+        )
+    if not exclusive and not retry_dead:
         if lease is not None:
-            raise ValueError("lease: a lease only applies with exclusive=True")
+            raise ValueError("lease: a lease only applies with exclusive=True or retry_dead=True")
         return None
     return locker.lease if lease is None else require_timedelta("lease", lease)
 
@@ -263,6 +273,7 @@ class AsyncDBLocker:
         *,
         exclusive: bool = False,
         lease: timedelta | float | None = None,
+        retry_dead: bool = False,
     ) -> Lock | None:
         """Try to win ``job_name``'s tick at ``run_time``; ``None`` if another instance has it.
 
@@ -273,8 +284,12 @@ class AsyncDBLocker:
         :param exclusive: also require that no other run of this job holds a live
             lease, so runs of the job never overlap across instances, even when one
             outlives its interval.
-        :param lease: with ``exclusive``, how long the lease lasts without renewal
-            (default: the locker's ``lease``); it is renewed every third of it while held.
+        :param lease: with ``exclusive`` or ``retry_dead``, how long the lease lasts
+            without renewal (default: the locker's ``lease``); it is renewed every third
+            of it while held.
+        :param retry_dead: the run keeps a heartbeat on its row (its lease), so that if
+            it dies, another instance's :meth:`retry_dead_runs` runs the tick again, once.
+            Pass the same ``lease`` on every instance.
         :returns: a :class:`Lock` to run the job under, or ``None`` when the tick was
             already taken, or when ``run_time`` is older than ``ttl`` (its row may have
             been pruned, and running it would be a second run).
@@ -283,9 +298,15 @@ class AsyncDBLocker:
         self._check_open()
         self._one_loop.check()
         check_name("job_name", job_name)
-        job_lease = lease_for(self, exclusive, lease)
+        job_lease = lease_for(self, exclusive, lease, retry_dead)
         run_time, stale = self._tick_time(run_time)
         identifier = self._identify(job_name, run_time)
+        if retry_dead and len(identifier) > MAX_NAME_LENGTH - len(RETRY_SUFFIX):
+            raise ValueError(
+                f"retry_dead: the identifier of {job_name!r} ({len(identifier)} characters) "
+                f"leaves no room for its retry's suffix {RETRY_SUFFIX!r}: use identifiers "
+                f"of at most {MAX_NAME_LENGTH - len(RETRY_SUFFIX)} characters"
+            )
         if stale:
             logger.warning(
                 "refusing %r at %s: the run time is older than ttl (%s)",
@@ -298,8 +319,10 @@ class AsyncDBLocker:
                     EventKind.SKIPPED, job_name, identifier, run_time=run_time, reason="stale"
                 )
             return None
-        if job_lease is not None:
+        if job_lease is not None and not retry_dead:
             return await self._decide(job_name, identifier, run_time, job_lease)
+        # A heartbeat's lease runs from when the INSERT was sent, at best.
+        sent = asyncio.get_running_loop().time() if retry_dead else None
         try:
             # Cancelled mid-INSERT, the acquirer settles the tick with _abandon.
             row_id = await self._acquirer.acquire(job_name, identifier, self.worker)
@@ -307,6 +330,10 @@ class AsyncDBLocker:
             raise
         except Exception as error:
             raise self.store.error(error, f"lock({job_name!r})") from error
+        if retry_dead:
+            return self._decided(
+                job_name, identifier, run_time, row_id, False, job_lease, sent, retry_dead=True
+            )
         return self._decided(job_name, identifier, run_time, row_id)
 
     async def _decide(
@@ -397,6 +424,8 @@ class AsyncDBLocker:
         overlap: bool = False,
         lease: timedelta | None = None,
         lease_sent: float | None = None,
+        *,
+        retry_dead: bool = False,
     ) -> Lock | None:
         """The outcome of an acquire: the Lock of a row won, else None; logged and emitted."""
         if row_id is None:
@@ -424,7 +453,86 @@ class AsyncDBLocker:
             run_time=run_time,
             lease=lease,
             lease_sent=lease_sent,
+            retry_dead=retry_dead,
         )
+
+    async def retry_dead_runs(
+        self, job_name: str, *, lease: timedelta | float | None = None
+    ) -> list[Lock]:
+        """Run again, here, the ticks of ``job_name`` whose ``retry_dead`` run died.
+
+        A run died when its row is RUNNING and its heartbeat older than ``lease`` (the
+        lease its runs take, the locker's by default), by the database's clock, or when
+        it is LOST. Each such tick is retried once, on one instance: its run is marked
+        LOST, so that it can no longer beat, and the tick's retry row is inserted (the
+        identifier plus ``"#retry"``; its id is greater than the dead run's). The
+        scheduler calls this at every tick of a ``retry_dead`` job.
+
+        :returns: the locks of the retries won here, to run the job under, as lock()'s;
+            usually none. A retry has no heartbeat: it is never retried itself.
+        :raises BackendError: the database could not say, and no retry was won.
+        """
+        self._check_open()
+        self._one_loop.check()
+        check_name("job_name", job_name)
+        job_lease = lease_for(self, False, lease, retry_dead=True)
+        assert job_lease is not None
+        won: list[Lock] = []
+        for run in await self.store.dead_runs(job_name, job_lease):
+            deciding = asyncio.ensure_future(self.store.retry(run.id, self.worker, job_lease))
+            try:
+                row_id = await asyncio.shield(deciding)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._in_background(self._fail_retries(deciding, won)))
+                raise
+            except BackendError as error:
+                if not won:
+                    raise
+                logger.warning("%r: retrying the run %d failed: %s", job_name, run.id, error)
+                break
+            if row_id is None:
+                continue  # it lives, or another instance has its retry
+            logger.warning(
+                "%r %s: run %d (%s) stopped its heartbeat; its tick is retried here as run %d",
+                job_name,
+                run.identifier,
+                run.id,
+                run.worker,
+                row_id,
+            )
+            identifier = run.identifier + RETRY_SUFFIX
+            lock = self._decided(job_name, identifier, self._run_time_of(run), row_id)
+            assert lock is not None
+            won.append(lock)
+        return won
+
+    async def _fail_retries(self, deciding: Awaitable[int | None], won: list[Lock]) -> None:
+        """After a cancelled retry_dead_runs(): mark the retries it won FAILED."""
+        try:
+            row_id = await deciding
+        except Exception as error:
+            logger.warning(
+                "retry_dead_runs() was cancelled; a retry's outcome is unknown: %s", error
+            )
+            row_id = None
+        ids = [lock.id for lock in won] + ([] if row_id is None else [row_id])
+        for lock_id in ids:
+            try:
+                await self.store.finish(lock_id, Status.FAILED)
+            except BackendError as error:
+                logger.warning("could not mark the retry %d FAILED: %s", lock_id, error)
+            else:
+                logger.info("retry_dead_runs() was cancelled; its retry %d is FAILED", lock_id)
+
+    def _run_time_of(self, run: JobRun) -> datetime:
+        """A dead run's tick: read back from a precision's identifier, else when it began."""
+        strategy = self.identifier
+        if isinstance(strategy, Precision):
+            with contextlib.suppress(ValueError):
+                tick = datetime.fromisoformat(run.identifier).astimezone(UTC)
+                if strategy(run.job_name, tick) == run.identifier:
+                    return tick
+        return run.started_at
 
     def _identify(self, job_name: str, run_time: datetime) -> str:
         """The tick's identifier. A precision's depends on the run time alone, and the

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from ._clock import Clock
 from ._errors import BackendError
 from ._events import EventKind
+from ._lock import Lock
 from ._locker import AsyncDBLocker, lease_for
 from ._triggers import CronTrigger, IntervalTrigger, Trigger, as_trigger, latest_due
 from ._validation import check_name, require_timedelta
@@ -45,6 +46,8 @@ class Job:
     exclusive: bool = False
     #: The lease of exclusive runs; ``None``: the locker's default.
     lease: timedelta | None = None
+    #: Runs keep a heartbeat, and a tick whose run died is run again, once, elsewhere.
+    retry_dead: bool = False
     _runs: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
     #: Threads of cancelled plain-function runs that have not returned yet: a thread
     #: cannot be stopped, and no new run may start beside it.
@@ -116,6 +119,7 @@ class Scheduler:
         skip_if_running: bool = True,
         exclusive: bool = False,
         lease: timedelta | float | None = None,
+        retry_dead: bool = False,
     ) -> Job:
         """Schedule ``func`` (a coroutine function, or a plain function run in a thread).
 
@@ -123,6 +127,11 @@ class Scheduler:
         lease on any instance, so runs never overlap even when one outlives its
         interval; ``lease`` (default: the locker's) bounds how long a crashed
         holder blocks the job.
+
+        With ``retry_dead=True`` each run keeps a heartbeat (a ``lease``, renewed every
+        third of it), and at each tick every instance looks for runs of the job whose
+        heartbeat expired: one of them runs such a tick again, once (see
+        :meth:`AsyncDBLocker.retry_dead_runs`), whether or not it is running the job.
         """
         if not callable(func):
             raise TypeError(f"func must be callable, not {type(func).__name__}")
@@ -140,12 +149,14 @@ class Scheduler:
                 f"locker with identifier=precision(timedelta(seconds="
                 f"{schedule.interval.total_seconds():g}))"
             )
-        job_lease = lease_for(self.locker, exclusive, lease) if exclusive or lease else None
-        if exclusive and not _is_async(func):
+        leased = exclusive or retry_dead or lease
+        job_lease = lease_for(self.locker, exclusive, lease, retry_dead) if leased else None
+        if (exclusive or retry_dead) and not _is_async(func):
+            option = "exclusive=True" if exclusive else "retry_dead=True"
             raise TypeError(
-                f"exclusive=True needs a coroutine function, and {job_name!r} is a plain "
+                f"{option} needs a coroutine function, and {job_name!r} is a plain "
                 "function, which runs in a thread that nothing can stop when its lease is "
-                "lost: make it `async def`, or schedule it without exclusive=True"
+                f"lost: make it `async def`, or schedule it without {option}"
             )
         job = Job(
             job_name,
@@ -154,6 +165,7 @@ class Scheduler:
             skip_if_running=skip_if_running,
             exclusive=exclusive,
             lease=job_lease,
+            retry_dead=retry_dead,
         )
         self._jobs[job_name] = job
         return job
@@ -166,6 +178,7 @@ class Scheduler:
         skip_if_running: bool = True,
         exclusive: bool = False,
         lease: timedelta | float | None = None,
+        retry_dead: bool = False,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function every ``interval``, aligned to the Unix epoch."""
         return self._decorator(
@@ -174,6 +187,7 @@ class Scheduler:
             skip_if_running=skip_if_running,
             exclusive=exclusive,
             lease=lease,
+            retry_dead=retry_dead,
         )
 
     def cron(
@@ -185,6 +199,7 @@ class Scheduler:
         skip_if_running: bool = True,
         exclusive: bool = False,
         lease: timedelta | float | None = None,
+        retry_dead: bool = False,
     ) -> Callable[[JobFunction], JobFunction]:
         """Decorator: run the function on a five-field cron expression in time zone ``tz``."""
         return self._decorator(
@@ -193,6 +208,7 @@ class Scheduler:
             skip_if_running=skip_if_running,
             exclusive=exclusive,
             lease=lease,
+            retry_dead=retry_dead,
         )
 
     def _decorator(self, trigger: Trigger, **options: Any) -> Callable[[JobFunction], JobFunction]:
@@ -276,6 +292,8 @@ class Scheduler:
         while True:
             await self.clock.sleep_until(scheduled)
             self._start_tick(job, scheduled)
+            if job.retry_dead:
+                self._start_retries(job)
             now = self.clock.now()
             following, missed = latest_due(job.trigger, scheduled, now)
             if missed:
@@ -306,10 +324,29 @@ class Scheduler:
         run.add_done_callback(job._runs.discard)
         self.clock.track(run)
 
+    def _start_retries(self, job: Job) -> None:
+        """Look for the job's dead runs, and run the ticks this instance retries."""
+        run = asyncio.create_task(self._retry_dead(job), name=f"aiocronlock {job.name} retries")
+        job._runs.add(run)
+        run.add_done_callback(job._runs.discard)
+        self.clock.track(run)
+
+    async def _retry_dead(self, job: Job) -> None:
+        try:
+            locks = await self.locker.retry_dead_runs(job.name, lease=job.lease)
+        except BackendError as error:
+            logger.warning("%r: could not look for dead runs to retry: %s", job.name, error)
+            return
+        await asyncio.gather(*(self._run(job, lock) for lock in locks))
+
     async def _run_tick(self, job: Job, scheduled: datetime) -> None:
         try:
             lock = await self.locker.lock(
-                job.name, scheduled, exclusive=job.exclusive, lease=job.lease
+                job.name,
+                scheduled,
+                exclusive=job.exclusive,
+                lease=job.lease,
+                retry_dead=job.retry_dead,
             )
         except BackendError as error:
             # Fail closed: never run without the lock.
@@ -320,11 +357,14 @@ class Scheduler:
         if lock is None:
             logger.debug("%r: %s is another worker's", job.name, scheduled)
             return
+        await self._run(job, lock)
+
+    async def _run(self, job: Job, lock: Lock) -> None:
         try:
             async with lock:
                 await _call(job)
         except Exception:
-            logger.exception("%r: the run at %s failed", job.name, scheduled.isoformat())
+            logger.exception("%r: the run at %s failed", job.name, lock.run_time.isoformat())
 
 
 def _is_async(func: JobFunction) -> bool:

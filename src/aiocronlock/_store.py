@@ -23,7 +23,7 @@ from ._engine import describe, lost_connection, translate_error
 from ._errors import BackendError
 from ._loop import OneLoop
 from ._schema import Status
-from ._sql import Statements, lease_param
+from ._sql import Statements, lease_param, mysql_duplicates_quiet
 
 _T = TypeVar("_T")
 
@@ -189,6 +189,56 @@ class Store:
             return (await conn.execute(self.sql.renew, params)).rowcount == 1
 
         return await self.run(f"renew lease of {job_name!r}", renew)
+
+    async def heartbeat(self, lock_id: int) -> bool:
+        """Beat a ``retry_dead`` run's heartbeat; False once its row is no longer RUNNING."""
+
+        async def beat(conn: AsyncConnection) -> bool:
+            return (await conn.execute(self.sql.heartbeat, {"lock_id": lock_id})).rowcount == 1
+
+        return await self.run(f"heartbeat of run {lock_id}", beat)
+
+    async def dead_runs(self, job_name: str, lease: timedelta) -> list[JobRun]:
+        """The runs of ``job_name`` that died (see ``Statements.dead_runs``), oldest first."""
+        params = {"dead_job": job_name, "lease": lease_param(self.sql.dialect_name, -lease)}
+
+        async def fetch(conn: AsyncConnection) -> list[JobRun]:
+            rows = (await conn.execute(self.sql.dead_runs, params)).all()
+            return [
+                JobRun(
+                    id=row.id,
+                    job_name=row.job_name,
+                    identifier=row.job_identifier,
+                    worker=row.worker,
+                    status=row.status,
+                    started_at=aware(row.created_at),
+                    finished_at=None if row.status == Status.RUNNING else aware(row.updated_at),
+                )
+                for row in rows
+            ]
+
+        return await self.run(f"dead runs of {job_name!r}", fetch)
+
+    async def retry(self, dead_id: int, worker: str, lease: timedelta) -> int | None:
+        """Mark run ``dead_id`` LOST if its heartbeat expired, and insert its tick's retry
+        if it is LOST: the retry's id, or None when the run lives or another instance
+        has the retry."""
+        sql = self.sql
+        params = {
+            "dead_id": dead_id,
+            "retry_worker": worker,
+            "lease": lease_param(sql.dialect_name, -lease),
+        }
+
+        async def retry(conn: AsyncConnection) -> int | None:
+            if sql.mark_dead is not None:
+                await conn.execute(sql.mark_dead, params)
+            if sql.acquire_returns_id:
+                return (await conn.execute(sql.retry, params)).scalar_one_or_none()
+            with mysql_duplicates_quiet():  # INSERT IGNORE: a taken retry warns
+                return (await conn.execute(sql.retry, params)).lastrowid or None
+
+        return await self.run(f"retry of run {dead_id}", retry)
 
     async def acquire_exclusive(
         self, job_name: str, identifier: str, worker: str, lease: timedelta
