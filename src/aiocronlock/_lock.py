@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
 from ._errors import LeaseLostError
 from ._events import EventKind
 from ._schema import Status
@@ -54,10 +56,6 @@ class Lock:
     ``cancel_on_loss`` is true (the default), the task running the ``async with``
     block is cancelled and the block raises ``LeaseLostError`` instead, so that two
     instances never run the job at once.
-
-    A ``retry_dead`` lock (``lock(..., retry_dead=True)``) keeps its lease the same way,
-    as a heartbeat on its own row; it is lost when another instance found the heartbeat
-    expired and marked the row LOST to run the tick again.
     """
 
     __slots__ = (
@@ -76,7 +74,6 @@ class Lock:
         "identifier",
         "job_name",
         "lease",
-        "retry_dead",
         "run_time",
         "worker",
     )
@@ -93,7 +90,6 @@ class Lock:
         run_time: datetime,
         lease: timedelta | None = None,
         lease_sent: float | None = None,
-        retry_dead: bool = False,
     ) -> None:
         self._store = store
         self._events = events
@@ -110,11 +106,8 @@ class Lock:
         self.worker = worker
         #: The tick's scheduled time, in UTC.
         self.run_time = run_time
-        #: The lease of an exclusive or a ``retry_dead`` lock; ``None`` for a per-tick lock.
+        #: The lease of an exclusive lock; ``None`` for a per-tick lock.
         self.lease = lease
-        #: The lease is a heartbeat on the run's own row, and another instance retries
-        #: the tick once it expires (``lock(..., retry_dead=True)``).
-        self.retry_dead = retry_dead
         # What wait_lost() waits on, made on first use: lock_many() makes hundreds of
         # locks at once, and a per-tick lock never needs one.
         self._lost: asyncio.Event | None = None
@@ -145,7 +138,7 @@ class Lock:
 
     @property
     def exclusive(self) -> bool:
-        return self.lease is not None and not self.retry_dead
+        return self.lease is not None
 
     @property
     def released(self) -> bool:
@@ -175,11 +168,7 @@ class Lock:
             if sent >= deadline:
                 self._lose(f"no renewal for {sent - confirmed:.1f} s, the lease is {lease:g} s")
                 return
-            if self.retry_dead:
-                renewing = self._store.heartbeat(self.id)
-            else:
-                renewing = self._store.renew(self.job_name, self.id, self.lease)
-            renewal = asyncio.ensure_future(renewing)
+            renewal = asyncio.ensure_future(self._store.renew(self.job_name, self.id, self.lease))
             renewal.add_done_callback(_retrieved)
             self._renewal = renewal
             await asyncio.wait({renewal}, timeout=deadline - sent)
@@ -200,6 +189,48 @@ class Lock:
             if self._events:
                 self._emit(EventKind.LEASE_RENEWED, lock_id=self.id, run_time=self.run_time)
 
+    async def fence(self, conn: AsyncConnection | AsyncSession) -> None:
+        """Let the caller's transaction commit only while this run holds the job's lease.
+
+        Call it inside the transaction that writes the job's results (``async with
+        engine.begin() as conn:``, or a session's), on the locker's database. It
+        checks, in that transaction, that this run still holds the job's live lease,
+        by the database's clock, and locks the lease row until the transaction ends:
+        no other run can take the job (and no renewal or release change the lease)
+        before what was written commits or rolls back. If this run no longer holds
+        the lease (it expired, was released, or another run took it), it raises
+        ``LeaseLostError`` and the lock becomes lost: let the exception roll the
+        transaction back. Keep the transaction short: the lease's renewal waits for it.
+
+        Errors of the connection itself are SQLAlchemy's, as for your own statements.
+        """
+        if not self.exclusive:
+            raise RuntimeError(
+                f"fence() needs an exclusive lock, and {self!r} holds no lease of its job: "
+                "take it with lock(..., exclusive=True)"
+            )
+        if not isinstance(conn, AsyncConnection | AsyncSession):
+            raise TypeError(
+                "fence() takes the AsyncConnection or AsyncSession of the transaction to "
+                f"fence, got {type(conn).__name__}"
+            )
+        statement = self._store.sql.fence
+        if isinstance(conn, AsyncSession):
+            conn = await conn.connection(bind_arguments={"clause": statement})
+        sync = conn.sync_connection
+        if sync is not None and sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            raise ValueError(
+                "fence() needs a transaction, and this connection is in AUTOCOMMIT: "
+                "use a connection from your engine as it is, in `async with engine.begin()`"
+            )
+        params = {"lease_job": self.job_name, "lock_id": self.id}
+        if (await conn.execute(statement, params)).first() is not None:
+            return
+        reason = "a fenced write found its lease expired, released or taken by another run"
+        if not self._done:
+            self._lose(reason)
+        raise LeaseLostError(self.job_name, self.id, reason)
+
     def _lose(self, reason: str) -> None:
         if self.lost:
             return
@@ -214,9 +245,11 @@ class Lock:
                 run_time=self.run_time,
                 reason=reason,
             )
-        if self.cancel_on_loss and self._task is not None and not self._task.done():
+        task = self._task
+        # A fence() in the run's own task raises LeaseLostError there instead.
+        if self.cancel_on_loss and task and not task.done() and task is not asyncio.current_task():
             self._cancelled_by_loss = True
-            self._task.cancel(f"aiocronlock: {self!r} lost its lease")
+            task.cancel(f"aiocronlock: {self!r} lost its lease")
 
     async def _stop_keeper(self) -> None:
         if self._renewal is not None:
