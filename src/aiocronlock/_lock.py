@@ -56,6 +56,10 @@ class Lock:
     ``cancel_on_loss`` is true (the default), the task running the ``async with``
     block is cancelled and the block raises ``LeaseLostError`` instead, so that two
     instances never run the job at once.
+
+    A ``retry_dead`` lock (``lock(..., retry_dead=True)``) keeps its lease the same way,
+    as a heartbeat on its own row; it is lost when another instance found the heartbeat
+    expired and marked the row LOST to run the tick again.
     """
 
     __slots__ = (
@@ -74,6 +78,7 @@ class Lock:
         "identifier",
         "job_name",
         "lease",
+        "retry_dead",
         "run_time",
         "worker",
     )
@@ -90,6 +95,7 @@ class Lock:
         run_time: datetime,
         lease: timedelta | None = None,
         lease_sent: float | None = None,
+        retry_dead: bool = False,
     ) -> None:
         self._store = store
         self._events = events
@@ -106,8 +112,11 @@ class Lock:
         self.worker = worker
         #: The tick's scheduled time, in UTC.
         self.run_time = run_time
-        #: The lease of an exclusive lock; ``None`` for a per-tick lock.
+        #: The lease of an exclusive or a ``retry_dead`` lock; ``None`` for a per-tick lock.
         self.lease = lease
+        #: The lease is a heartbeat on the run's own row, and another instance retries
+        #: the tick once it expires (``lock(..., retry_dead=True)``).
+        self.retry_dead = retry_dead
         # What wait_lost() waits on, made on first use: lock_many() makes hundreds of
         # locks at once, and a per-tick lock never needs one.
         self._lost: asyncio.Event | None = None
@@ -138,7 +147,7 @@ class Lock:
 
     @property
     def exclusive(self) -> bool:
-        return self.lease is not None
+        return self.lease is not None and not self.retry_dead
 
     @property
     def released(self) -> bool:
@@ -168,7 +177,11 @@ class Lock:
             if sent >= deadline:
                 self._lose(f"no renewal for {sent - confirmed:.1f} s, the lease is {lease:g} s")
                 return
-            renewal = asyncio.ensure_future(self._store.renew(self.job_name, self.id, self.lease))
+            if self.retry_dead:
+                renewing = self._store.heartbeat(self.id)
+            else:
+                renewing = self._store.renew(self.job_name, self.id, self.lease)
+            renewal = asyncio.ensure_future(renewing)
             renewal.add_done_callback(_retrieved)
             self._renewal = renewal
             await asyncio.wait({renewal}, timeout=deadline - sent)

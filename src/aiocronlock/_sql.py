@@ -30,8 +30,10 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal,
     literal_column,
+    or_,
     select,
     text,
     type_coerce,
@@ -76,6 +78,13 @@ def mysql_duplicates_quiet() -> Iterator[None]:
 
 SUPPORTED_DIALECTS = ("postgresql", "sqlite", *MYSQL_DIALECTS)
 
+#: Added to a tick's identifier for its retry after its run died (``retry_dead``): the
+#: unique key then admits one retry per tick.
+RETRY_SUFFIX = "#retry"
+
+#: The most dead runs of a job that one ``dead_runs`` query returns.
+DEAD_RUNS_BATCH = 10
+
 
 def db_now(dialect_name: str) -> ColumnElement[datetime]:
     """The database's current UTC time, with microseconds where the backend has them."""
@@ -112,7 +121,7 @@ def lease_param(dialect_name: str, lease: timedelta) -> Any:
         return lease
     if dialect_name in MYSQL_DIALECTS:
         return lease // timedelta(microseconds=1)
-    return f"+{lease.total_seconds():.6f} seconds"
+    return f"{lease.total_seconds():+.6f} seconds"  # a negative lease: earlier
 
 
 def _take_over(excluded: Any) -> dict[str, Any]:
@@ -209,6 +218,7 @@ class Statements:
             text("PRAGMA wal_checkpoint(PASSIVE)") if dialect_name == "sqlite" else None
         )
         self._build_lease_statements()
+        self._build_retry_statements()
 
     def _build_lease_statements(self) -> None:
         from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -356,6 +366,89 @@ class Statements:
         if self.dialect_name == "sqlite":
             return update(leases).where(held).values(holder_id=lc.holder_id).returning(lc.holder_id)
         return select(lc.holder_id).where(held).with_for_update(read=True)
+
+    def _build_retry_statements(self) -> None:
+        """The statements of ``retry_dead`` runs: a heartbeat on the run's own row, and
+        the retry of a tick whose run stopped beating (see ``Store.retry``)."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        locks = self.table
+        c = locks.c
+        now = self._now
+        running = c.status == Status.RUNNING.value
+        lost = c.status == Status.LOST.value
+        #: A retry_dead run's heartbeat, fenced by its row id: False once the row is
+        #: no longer RUNNING (another instance marked it LOST).
+        self.heartbeat: Update = (
+            update(locks).where(c.id == bindparam("lock_id"), running).values(updated_at=now)
+        )
+        # RUNNING, and no heartbeat within the lease: db_later(), with the lease bound
+        # negative, is the database's clock less the lease.
+        expired = and_(running, c.updated_at < db_later(self.dialect_name))
+        retry = locks.alias("retry")
+        retried = exists().where(
+            retry.c.job_name == c.job_name,
+            retry.c.job_identifier == c.job_identifier + RETRY_SUFFIX,
+        )
+        #: The runs of ``dead_job`` that died: RUNNING with an expired heartbeat, or LOST
+        #: already (by their holder, or by an instance that then failed to insert the
+        #: retry), with no retry yet; a retry itself is never retried.
+        self.dead_runs: Select[Any] = (
+            select(
+                c.id, c.job_name, c.job_identifier, c.worker, c.status, c.created_at, c.updated_at
+            )
+            .where(
+                c.job_name == bindparam("dead_job"),
+                or_(lost, expired),
+                ~c.job_identifier.endswith(RETRY_SUFFIX, autoescape=True),
+                ~retried,
+            )
+            .order_by(c.id)
+            .limit(DEAD_RUNS_BATCH)
+        )
+        dead = c.id == bindparam("dead_id")
+        #: Mark run ``dead_id`` LOST if it is RUNNING with an expired heartbeat: from
+        #: then on its heartbeat fails. None on PostgreSQL, where ``retry`` does it.
+        self.mark_dead: Update | None = (
+            update(locks).where(dead, expired).values(status=Status.LOST.value, updated_at=now)
+        )
+        # The retry's row, made from the LOST one: the tick's key plus the suffix.
+        cols = ["job_name", "job_identifier", "worker", "status", "created_at", "updated_at"]
+        source = select(
+            c.job_name,
+            c.job_identifier + RETRY_SUFFIX,
+            bindparam("retry_worker", type_=c.worker.type),  # not "worker": a column
+            literal(Status.RUNNING.value),
+            now,
+            now,
+        )
+        #: Insert the retry of run ``dead_id`` once it is LOST, unless one exists:
+        #: exactly one instance wins it. Returns the new id (lastrowid on MySQL).
+        self.retry: Insert
+        if self.dialect_name == "postgresql":
+            # One statement: mark_dead as a CTE, whose change the INSERT's own snapshot
+            # does not see, hence the EXISTS.
+            marked = self.mark_dead.returning(c.id).cte("marked")
+            self.mark_dead = None
+            self.retry = (
+                postgresql.insert(locks)
+                .from_select(cols, source.where(dead, or_(lost, exists(select(marked.c.id)))))
+                .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
+                .returning(c.id)
+            )
+        elif self.dialect_name == "sqlite":
+            self.retry = (
+                sqlite.insert(locks)
+                .from_select(cols, source.where(dead, lost))
+                .on_conflict_do_nothing(index_elements=[c.job_name, c.job_identifier])
+                .returning(c.id)
+            )
+        else:
+            # IGNORE: a taken retry is a duplicate, and the identifier fits (lock()
+            # checks its length), so there is nothing else for it to downgrade.
+            self.retry = (
+                insert(locks).prefix_with("IGNORE").from_select(cols, source.where(dead, lost))
+            )
 
     def _skipping_taken(self, values: dict[str, Any] | list[dict[str, Any]]) -> Insert:
         """An INSERT of ``values`` that skips the rows whose tick is taken, without error.
