@@ -9,9 +9,10 @@ in-memory SQLite database has one connection, which is shared instead.
 
 A call runs in its caller's task, bounded by ``asyncio.timeout`` (asyncpg's own
 statement timeout on PostgreSQL): no task, queue or shield per call, as those cost
-as much as a lost race's whole round trip on a local PostgreSQL. A caller cancelled mid-statement cannot learn whether its row went in;
-the locker then records the tick FAILED with one upsert (``Statements.abandon``),
-which works whether the INSERT landed, is still on its way, or never left.
+as much as a lost race's whole round trip on a local PostgreSQL. A caller cancelled
+mid-statement cannot learn whether its row went in; the locker then records the tick
+FAILED with one upsert (``Statements.abandon``), which works whether the INSERT
+landed, is still on its way, or never left.
 """
 
 from __future__ import annotations
