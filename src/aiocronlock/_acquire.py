@@ -18,6 +18,7 @@ landed, is still on its way, or never left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -142,7 +143,10 @@ class Acquirer:
         timeout: float,
         in_doubt: Callable[[str, str], Awaitable[None]],
         one_loop: OneLoop,
+        in_turn: contextlib.AbstractAsyncContextManager[Any],
     ) -> None:
+        # The store's, shared: on SQLite the locker's writes take turns (writes_in_turn).
+        self._in_turn = in_turn
         self._engine = engine
         self._in_doubt = in_doubt
         self._one_loop = one_loop
@@ -253,7 +257,7 @@ class Acquirer:
                     # scope, and a lost race here is a round trip of tens of µs.
                     result = await self._send(pooled, sql, arguments, many, deadline - loop.time())
                 else:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline), self._in_turn:
                         result = await self._send(pooled, sql, arguments, many, None)
             except BaseException as error:
                 self._release(pooled, error)

@@ -175,12 +175,17 @@ class AsyncDBLocker:
         #: The engine given, or the one made from the URL.
         self.engine: AsyncEngine = engine if isinstance(engine, AsyncEngine) else own
         statements = Statements(self.table, own.dialect.name)
-        #: Every statement but the acquire: outcomes, leases, history, pruning.
         # The locker works in the event loop of its first call, and refuses any other.
         self._one_loop = OneLoop()
+        #: Every statement but the acquire: outcomes, leases, history, pruning.
         self.store = Store(own, statements, timeout=self.timeout, one_loop=self._one_loop)
         self._acquirer = Acquirer(
-            own, statements, timeout=self.timeout, in_doubt=self._abandon, one_loop=self._one_loop
+            own,
+            statements,
+            timeout=self.timeout,
+            in_doubt=self._abandon,
+            one_loop=self._one_loop,
+            in_turn=self.store.in_turn,
         )
         self._cleaner = Cleaner(
             self.store,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 
 class OneLoop:
@@ -35,3 +37,15 @@ class OneLoop:
     def is_current(self) -> bool:
         """Whether the running loop is the locker's (or none was used yet)."""
         return self._loop is None or self._loop is asyncio.get_running_loop()
+
+
+def writes_in_turn(dialect_name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    """What a locker's statements pass through on their way to the database.
+
+    SQLite has one writer at a time. Statements of one locker on different
+    connections (the acquire's, the cleaner's DELETE) would otherwise wait for each
+    other in SQLite's busy handler, which sleeps up to 100 ms between tries: a prune
+    batch then waited most of a second behind a stream of INSERTs. An asyncio lock
+    hands the file to them in turn instead. Other databases need no such thing.
+    """
+    return asyncio.Lock() if dialect_name == "sqlite" else contextlib.nullcontext()

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._engine import describe, lost_connection, translate_error
 from ._errors import BackendError
-from ._loop import OneLoop
+from ._loop import OneLoop, writes_in_turn
 from ._schema import Status
 from ._sql import Statements, lease_param, mysql_duplicates_quiet
 
@@ -85,6 +85,8 @@ class Store:
     ) -> None:
         self.engine = engine
         self._one_loop = one_loop
+        #: The locker's statements pass through it in turn (SQLite: see writes_in_turn).
+        self.in_turn = writes_in_turn(statements.dialect_name)
         self.sql = statements
         self.timeout = timeout
         #: The engine's URL with the password hidden, for messages.
@@ -102,7 +104,7 @@ class Store:
         self._one_loop.check()
         try:
             with anyio.fail_after(self.timeout):
-                async with self.engine.connect() as conn:
+                async with self.in_turn, self.engine.connect() as conn:
                     return await work(conn)
         except Exception as error:
             raise self.error(error, operation) from error
