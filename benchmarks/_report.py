@@ -91,15 +91,25 @@ def write_chart(path: Path, samples: dict[str, dict[str, dict[str, list[float]]]
     import matplotlib.pyplot as plt
 
     backends = list(samples)
-    labels = {"raw": "raw driver", "aiocronlock": "aiocronlock", "orm": "ORM naive"}
-    colors = {"raw": "#8da0cb", "aiocronlock": "#66c2a5", "orm": "#fc8d62"}
+    labels = {
+        "raw": "raw driver\n(dedicated)",
+        "aiocronlock (url)": "aiocronlock\n(URL)",
+        "aiocronlock (engine)": "aiocronlock\n(your engine)",
+        "orm": "ORM naive",
+    }
+    colors = {
+        "raw": "#8da0cb",
+        "aiocronlock (url)": "#66c2a5",
+        "aiocronlock (engine)": "#a6d854",
+        "orm": "#fc8d62",
+    }
     fig, axes = plt.subplots(
         2, len(backends), figsize=(4.2 * len(backends), 7), squeeze=False, sharey=True
     )
     for col, backend in enumerate(backends):
         for row, phase in enumerate(("won", "lost")):
             ax = axes[row][col]
-            names = [n for n in ("raw", "aiocronlock", "orm") if samples[backend][phase].get(n)]
+            names = [n for n in labels if samples[backend][phase].get(n)]
             data = [samples[backend][phase][n] for n in names]
             box = ax.boxplot(
                 data,
