@@ -66,6 +66,19 @@ def aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _job_run(row: Any) -> JobRun:
+    """A row of the lock table as a JobRun."""
+    return JobRun(
+        id=row.id,
+        job_name=row.job_name,
+        identifier=row.job_identifier,
+        worker=row.worker,
+        status=row.status,
+        started_at=aware(row.created_at),
+        finished_at=None if row.status == Status.RUNNING else aware(row.updated_at),
+    )
+
+
 def _replace_if_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     """Pool checkout: a connection the server closed while it sat in the pool (a
     restart, a failover) is replaced, rather than handed out to fail the statement
@@ -206,18 +219,7 @@ class Store:
 
         async def fetch(conn: AsyncConnection) -> list[JobRun]:
             rows = (await conn.execute(self.sql.dead_runs, params)).all()
-            return [
-                JobRun(
-                    id=row.id,
-                    job_name=row.job_name,
-                    identifier=row.job_identifier,
-                    worker=row.worker,
-                    status=row.status,
-                    started_at=aware(row.created_at),
-                    finished_at=None if row.status == Status.RUNNING else aware(row.updated_at),
-                )
-                for row in rows
-            ]
+            return [_job_run(row) for row in rows]
 
         return await self.run(f"dead runs of {job_name!r}", fetch)
 
@@ -367,18 +369,7 @@ class Store:
 
         async def fetch(conn: AsyncConnection) -> list[JobRun]:
             rows = (await conn.execute(query)).all()
-            return [
-                JobRun(
-                    id=row.id,
-                    job_name=row.job_name,
-                    identifier=row.job_identifier,
-                    worker=row.worker,
-                    status=row.status,
-                    started_at=aware(row.created_at),
-                    finished_at=None if row.status == Status.RUNNING else aware(row.updated_at),
-                )
-                for row in rows
-            ]
+            return [_job_run(row) for row in rows]
 
         return await self.run("history()", fetch)
 
