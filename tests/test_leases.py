@@ -707,3 +707,48 @@ async def test_a_released_holder_still_running_stops_at_its_next_renewal(
     assert len(holder_events.of(EventKind.LEASE_LOST)) == 1
     rows = await fetch_rows(engine, backend.table_name)
     assert [(r["worker"], r["status"]) for r in rows] == [("holder", "LOST")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_on_sqlite_a_run_whose_renewals_wait_on_the_file_stops_before_another_takes_it(
+    backend: Backend, make_locker: LockerFactory
+) -> None:
+    """SQLite's stall: another process holds the file's write lock, so the holder's
+    renewals wait (SQLite's busy timeout is 30 s, far past the lease). The run must
+    stop by its lease's end, before the next holder can start, with the default
+    timeout and a 3 s lease."""
+    import aiosqlite
+
+    loop = asyncio.get_running_loop()
+    job = f"stalled-{uuid.uuid4().hex[:8]}"
+    a = await make_locker(own_engine=True, worker="a")
+    b = await make_locker(own_engine=True, worker="b")
+    events = EventLog(a)
+    lock = await a.lock(job, tick(), exclusive=True, lease=3.0)
+    assert lock is not None
+    stopped: list[float] = []
+
+    async def run() -> None:
+        async with lock:
+            try:
+                await asyncio.sleep(60)
+            finally:
+                stopped.append(loop.time())
+
+    running = asyncio.create_task(run())
+    path = backend.url.split("///", 1)[1]
+    async with asyncio.timeout(5):
+        await events.wait_for(EventKind.LEASE_RENEWED)
+    async with aiosqlite.connect(path, isolation_level=None) as blocker:
+        await blocker.execute("BEGIN IMMEDIATE")  # the write lock, until released below
+        blocked_at = loop.time()
+        await asyncio.sleep(4.0)  # past the lease: a's renewals all wait
+        await blocker.execute("ROLLBACK")
+    async with asyncio.timeout(10):
+        taken, taken_at = await _take_when_free(b, job, tick(1))
+        outcome = await asyncio.gather(running, return_exceptions=True)
+
+    assert isinstance(outcome[0], LeaseLostError), outcome
+    assert stopped[0] - blocked_at <= 3.0, "the run went on past its lease"
+    assert stopped[0] < taken_at
+    await taken.unlock()

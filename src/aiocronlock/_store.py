@@ -3,7 +3,9 @@
 Everything but the acquire INSERT (see ``_acquire``): recording outcomes, leases,
 history, pruning, creating the table. Each call takes a pooled connection for its
 own duration only, and ends within the locker's timeout: anyio's ``fail_after``
-keeps cancelling until the block exits, even while a driver's cleanup awaits.
+keeps cancelling until the block exits, even while a driver's cleanup awaits. On
+SQLite a statement runs in the driver's thread, where no cancellation reaches it:
+the caller stops waiting instead, and the statement ends in the background.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class Store:
         self.target = describe(engine)
         # Outcomes being recorded in the background (see finish_later).
         self._pending: set[asyncio.Task[None]] = set()
+        # SQLite statements whose caller stopped waiting (see _run_in_thread).
+        self._in_thread = statements.dialect_name == "sqlite"
+        self._detached: set[asyncio.Task[Any]] = set()
         # Lease rows this store has made sure exist (MySQL and SQLite make them lazily).
         self._lease_rows: set[str] = set()
         pool = engine.sync_engine.pool
@@ -116,11 +121,46 @@ class Store:
         """Run ``work`` on a pooled connection within the timeout; errors become BackendError."""
         self._one_loop.check()
         try:
+            if self._in_thread:
+                return await self._run_in_thread(work)
             with anyio.fail_after(self.timeout):
                 async with self.in_turn, self.engine.connect() as conn:
                     return await work(conn)
         except Exception as error:
             raise self.error(error, operation) from error
+
+    async def _run_in_thread(self, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """SQLite: wait for ``work`` until the timeout, without cancelling it.
+
+        aiosqlite runs a statement in its thread, and a write there waits out SQLite's
+        busy timeout while another process holds the file; cancelling does not stop
+        it. It would only make SQLAlchemy close the connection behind it, and a second
+        cancellation during that close leaves a task waiting for ever, which hangs the
+        event loop's shutdown. So the caller stops waiting and the statement ends by
+        itself in the background; one that had not started yet is skipped.
+        """
+        gave_up = False
+
+        async def statement() -> _T:
+            async with self.in_turn, self.engine.connect() as conn:
+                if gave_up:
+                    raise TimeoutError
+                return await work(conn)
+
+        task = asyncio.ensure_future(statement())
+        self._detached.add(task)
+        task.add_done_callback(self._detached_ended)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(task)
+        except BaseException:
+            gave_up = True
+            raise
+
+    def _detached_ended(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a statement ended after its caller stopped waiting: %r", task.exception())
 
     def error(self, error: BaseException, operation: str) -> BackendError:
         """The ``BackendError`` for a driver error (or timeout) during ``operation``."""
@@ -191,6 +231,17 @@ class Store:
                 "RUNNING until pruned",
                 len(pending),
             )
+        if self._detached:
+            # SQLite statements still in the driver's thread: they end within its busy
+            # timeout, and their connections go back to the pool.
+            _, left = await asyncio.wait(set(self._detached), timeout=self.timeout)
+            if left:
+                logger.warning(
+                    "%d SQLite statement(s) still waiting for the database file after %g s; "
+                    "left to end in the background",
+                    len(left),
+                    self.timeout,
+                )
 
     async def renew(self, job_name: str, lock_id: int, lease: timedelta) -> bool:
         """Extend a run's lease; False when it is no longer the run's (expired or taken)."""
