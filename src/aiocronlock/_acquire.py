@@ -56,34 +56,30 @@ _INPUTS = ("job_name", "job_identifier", "worker")
 class _Compiled:
     """A statement compiled for the engine's dialect, and where each call's values go."""
 
-    __slots__ = ("named", "params", "slots", "sql")
+    __slots__ = ("named", "slots", "sql", "template")
 
     def __init__(self, engine: AsyncEngine, statement: Insert, inputs: dict[str, int]) -> None:
         compiled = statement.compile(dialect=engine.dialect)
         self.sql = str(compiled)
-        self.params = dict(compiled.params)
+        params = dict(compiled.params)
         order = compiled.positiontup
         self.named = order is None
-        names = list(self.params) if order is None else order
-        # (position or name, index in the call's values), for every input.
-        self.slots = [
-            (i if order is not None else name, inputs[name])
-            for i, name in enumerate(names)
-            if name in inputs
-        ]
-        if order is not None:
-            self.params = {str(i): self.params.get(name) for i, name in enumerate(order)}
+        # The parameters with their fixed values, and (name or position, index in the
+        # call's values) for every input.
+        self.template: Any
+        self.slots: list[tuple[Any, int]]
+        if order is None:
+            self.template = params
+            self.slots = [(name, inputs[name]) for name in params if name in inputs]
+        else:
+            self.template = [params.get(name) for name in order]
+            self.slots = [(i, inputs[name]) for i, name in enumerate(order) if name in inputs]
 
     def arguments(self, values: Sequence[Any]) -> Any:
-        if self.named:
-            named = dict(self.params)
-            for key, which in self.slots:
-                named[str(key)] = values[which]
-            return named
-        positional = list(self.params.values())
-        for position, which in self.slots:
-            positional[int(position)] = values[which]
-        return positional
+        arguments = self.template.copy()
+        for key, which in self.slots:
+            arguments[key] = values[which]
+        return arguments
 
 
 def _rows_inputs(count: int) -> dict[str, int]:
@@ -110,13 +106,6 @@ def _refused(error: BaseException) -> bool:
     )
 
 
-#: Where a kept connection holds its prepared acquire (asyncmy): a pooled connection's
-#: ``info`` lasts as long as its driver connection.
-_PREPARED = "aiocronlock prepared acquire"
-
-#: Where a kept asyncpg connection holds its prepared statements, by SQL text.
-_PREPARED_PG = "aiocronlock prepared statements"
-
 #: What a pooler in transaction mode (PgBouncer) answers to a statement prepared on
 #: another server connection: the statement did not run (PostgreSQL's SQLSTATE).
 _POOLER_SQLSTATES = frozenset({"26000", "42P05"})  # invalid statement name; exists already
@@ -126,6 +115,28 @@ def _statement_name(sql: str) -> str:
     """A prepared statement's name given by its text: should a pooler run it on
     another client's server connection, the statement there is the same."""
     return "aiocronlock_" + hashlib.blake2b(sql.encode(), digest_size=20).hexdigest()
+
+
+class _Kept:
+    """A connection kept for acquiring: the pool's handle, the driver's connection,
+    the statements prepared on it (by SQL text), and when it was last used."""
+
+    __slots__ = ("driver", "last_used", "pooled", "prepared")
+
+    def __init__(self, pooled: PoolProxiedConnection) -> None:
+        self.pooled = pooled
+        self.driver: Any = pooled.driver_connection
+        self.prepared: dict[str, Any] = {}
+        self.last_used = 0.0
+
+
+#: Whether a driver's connection is known closed (the server closed it, and the driver
+#: noticed); for drivers not listed, never.
+_IS_CLOSED: dict[str, Callable[[Any], bool]] = {
+    "asyncpg": lambda connection: bool(connection.is_closed()),
+    "asyncmy": lambda connection: not connection.connected,
+    "psycopg": lambda connection: bool(connection.closed),
+}
 
 
 class Acquirer:
@@ -151,7 +162,17 @@ class Acquirer:
         self._in_doubt = in_doubt
         self._one_loop = one_loop
         self._timeout = timeout
-        self._driver = engine.dialect.driver
+        driver = engine.dialect.driver
+        self._driver = driver
+        self._is_closed = _IS_CLOSED.get(driver, lambda connection: False)
+        # How a statement is sent, by driver; asyncpg bounds it with its own timeout.
+        self._send: Callable[[_Kept, str, Any, bool, float | None], Awaitable[Any]] = {
+            "asyncpg": self._send_asyncpg,
+            "psycopg": self._send_psycopg,
+            "asyncmy": self._send_asyncmy,
+            "aiosqlite": self._send_aiosqlite,
+        }.get(driver, self._send_dbapi)
+        self._bounds_itself = driver == "asyncpg"
         self._acquire_statement = statements.acquire
         self._returns_id = statements.acquire_returns_id
         self._rows_statement = statements.acquire_rows
@@ -161,8 +182,8 @@ class Acquirer:
         self._shared = isinstance(pool, StaticPool | SingletonThreadPool)
         self._most = 1 if self._shared or statements.dialect_name == "sqlite" else MAX_CONNECTIONS
         self._pool: Pool | None = None
-        # Connections not in use, with when each was last used; the newest last.
-        self._idle: list[tuple[PoolProxiedConnection, float]] = []
+        # Connections not in use; the most recently used last.
+        self._idle: list[_Kept] = []
         # Connections open or being opened now, in use or idle.
         self._open = 0
         # Calls under way, which aclose() waits for.
@@ -245,51 +266,54 @@ class Acquirer:
         deadline = loop.time() + self._timeout
         self._busy += 1
         try:
-            pooled = self._take()
-            if pooled is None:
+            kept = self._take()
+            if kept is None:
                 async with asyncio.timeout_at(deadline):
-                    pooled = await self._checkout()
+                    kept = await self._checkout()
             try:
-                compiled = self._compiled(rows)
-                sql, arguments, many = compiled.sql, compiled.arguments(values), rows > 0
-                if self._driver == "asyncpg":
+                compiled = self._compiled_for.get(rows) or self._compiled(rows)
+                sql, arguments = compiled.sql, compiled.arguments(values)
+                if sql_logger.isEnabledFor(logging.DEBUG):
+                    sql_logger.debug("%s %r", sql, arguments)
+                if self._bounds_itself:
                     # The driver's own statement timeout costs less than a timeout
                     # scope, and a lost race here is a round trip of tens of µs.
-                    result = await self._send(pooled, sql, arguments, many, deadline - loop.time())
+                    remaining = deadline - loop.time()
+                    result = await self._send(kept, sql, arguments, rows > 0, remaining)
                 else:
                     async with asyncio.timeout_at(deadline), self._in_turn:
-                        result = await self._send(pooled, sql, arguments, many, None)
+                        result = await self._send(kept, sql, arguments, rows > 0, None)
             except BaseException as error:
-                self._release(pooled, error)
+                self._release(kept, error)
                 if doubt is not None and isinstance(error, asyncio.CancelledError):
                     settling = asyncio.ensure_future(self._in_doubt(*doubt))
                     self._closing.add(settling)
                     settling.add_done_callback(self._closed_one)
                     await asyncio.shield(settling)  # a second cancel leaves it running
                 raise
-            self._release(pooled, None)
+            self._release(kept, None)
             return result
         finally:
             self._busy -= 1
             if self._waiting:
                 self._changed.set()
 
-    def _take(self) -> PoolProxiedConnection | None:
+    def _take(self) -> _Kept | None:
         """The most recently used idle connection that is still usable, if any."""
         while self._idle:
-            pooled, last_used = self._idle.pop()
-            if self._usable(pooled, last_used):
-                return pooled
-            self._discard(pooled, None)
+            kept = self._idle.pop()
+            if self._usable(kept):
+                return kept
+            self._discard(kept, None)
         return None
 
-    async def _checkout(self) -> PoolProxiedConnection:
+    async def _checkout(self) -> _Kept:
         """An idle connection, a new one while fewer than the most are open, or the
         next one to come back."""
         while True:
-            pooled = self._take()
-            if pooled is not None:
-                return pooled
+            kept = self._take()
+            if kept is not None:
+                return kept
             if self._open < self._most:
                 return await self._connect()
             await self._wait_for_change()
@@ -302,49 +326,43 @@ class Acquirer:
         finally:
             self._waiting -= 1
 
-    def _release(self, pooled: PoolProxiedConnection, error: BaseException | None) -> None:
+    def _release(self, kept: _Kept, error: BaseException | None) -> None:
         """Keep a connection after a call, or close it if the call left its state unknown.
 
         A lost connection likely means the server went away: the idle ones go too (a
         driver does not always notice a socket the server closed).
         """
         if error is None or _refused(error):
-            self._idle.append((pooled, time.monotonic()))
+            kept.last_used = time.monotonic()
+            self._idle.append(kept)
         else:
-            self._discard(pooled, error)
+            self._discard(kept, error)
             if lost_connection(error):
                 idle, self._idle = self._idle, []
-                for other, _ in idle:
+                for other in idle:
                     self._discard(other, None)
         if self._waiting:
             self._changed.set()
 
-    def _usable(self, pooled: PoolProxiedConnection, last_used: float) -> bool:
+    def _usable(self, kept: _Kept) -> bool:
         """Whether a kept connection may be used: not closed by the server (its driver
         noticed), and not idle for so long that it may have been."""
-        if time.monotonic() - last_used > KEEP_IDLE_S and not self._shared:
+        if time.monotonic() - kept.last_used > KEEP_IDLE_S and not self._shared:
             return False
-        connection: Any = pooled.driver_connection
-        if self._driver == "asyncpg":
-            return not connection.is_closed()
-        if self._driver == "asyncmy":
-            return bool(connection.connected)
-        if self._driver == "psycopg":
-            return not connection.closed
-        return True
+        return not self._is_closed(kept.driver)
 
-    async def _connect(self) -> PoolProxiedConnection:
+    async def _connect(self) -> _Kept:
         assert self._pool is not None
         self._open += 1  # counted from now: concurrent calls do not open too many
         try:
-            pooled = await greenlet_spawn(self._pool.connect)
+            kept = _Kept(await greenlet_spawn(self._pool.connect))
         except BaseException:
             self._open -= 1
             if self._waiting:
                 self._changed.set()
             raise
         try:
-            connection: Any = pooled.driver_connection
+            connection = kept.driver
             # The statements commit alone, like SQLAlchemy's AUTOCOMMIT; a user's engine
             # may leave its connections in a transaction mode.
             if self._driver == "asyncmy":
@@ -354,109 +372,103 @@ class Acquirer:
             elif self._driver == "aiosqlite" and not self._shared:
                 connection.isolation_level = None
         except BaseException:
-            self._discard(pooled, None)
+            self._discard(kept, None)
             raise
-        return pooled
+        return kept
 
-    async def _send(
-        self,
-        pooled: PoolProxiedConnection,
-        sql: str,
-        arguments: Any,
-        rows: bool,
-        driver_timeout: float | None,
+    # -- sending, by driver: the new id (or None), or every row for ``rows`` -------------
+
+    async def _send_asyncpg(
+        self, kept: _Kept, sql: str, arguments: Any, rows: bool, driver_timeout: float | None
     ) -> Any:
-        """Run one statement: the new id (or None), or every row for ``rows``.
-        ``driver_timeout``: for asyncpg, which bounds the statement itself."""
-        if sql_logger.isEnabledFor(logging.DEBUG):
-            sql_logger.debug("%s %r", sql, arguments)
-        connection: Any = pooled.driver_connection
-        driver = self._driver
-        if driver == "asyncpg":
-            if driver_timeout is not None and driver_timeout <= 0:
-                raise TimeoutError
-            if not self._behind_pooler:
-                try:
-                    return await self._send_prepared(pooled, sql, arguments, rows, driver_timeout)
-                except Exception as error:
-                    if getattr(error, "sqlstate", None) not in _POOLER_SQLSTATES:
-                        raise
-                    self._behind_pooler = True
-                    logger.info(
-                        "a pooler in transaction mode lost a prepared statement (%s): "
-                        "acquiring with unnamed statements from now on",
-                        type(error).__name__,
+        """A statement prepared once per connection under a name of its own (the
+        connection's statement cache may be off), then one round trip per call;
+        ``driver_timeout`` bounds the statement itself."""
+        assert driver_timeout is not None
+        timeout = driver_timeout
+        if timeout <= 0:
+            raise TimeoutError
+        connection = kept.driver
+        if not self._behind_pooler:
+            try:
+                statement = kept.prepared.get(sql)
+                if statement is None:
+                    began = time.monotonic()
+                    statement = await connection.prepare(
+                        sql, name=_statement_name(sql), timeout=timeout
                     )
-            # Unnamed (with asyncpg's statement cache off, as on a locker's own engine):
-            # one round trip more, on one server connection.
-            if rows:
-                return await connection.fetch(sql, *arguments, timeout=driver_timeout)
-            return await connection.fetchval(sql, *arguments, timeout=driver_timeout)
-        if driver == "psycopg":
-            cursor = await connection.execute(sql, arguments)
-            if rows:
-                return await cursor.fetchall()
-            row = await cursor.fetchone()
-            return None if row is None else row[0]
-        if driver == "asyncmy":
-            if not rows:
-                # Prepared once per connection: the server then does not parse it on
-                # every tick. Only this statement, as the server counts prepared
-                # statements against one limit for all connections.
-                prepared = pooled.info.get(_PREPARED)
-                if prepared is None:
-                    prepared = pooled.info[_PREPARED] = await connection.prepare(_qmark(sql))
-                return (await prepared.execute(arguments)).insert_id or None
-            async with connection.cursor() as cursor:
-                with mysql_duplicates_quiet():  # INSERT IGNORE: a warning per taken tick
-                    await cursor.execute(sql, arguments)
-                return await cursor.fetchall()
-        if driver == "aiosqlite":
-            # A connection shared with the engine may be in the implicit transaction
-            # mode; the row must be committed on its own all the same.
-            was_open = self._shared and connection.in_transaction
-            fetched = await connection.execute_fetchall(sql, arguments)
-            if self._shared and not was_open and connection.in_transaction:
-                await connection.commit()
-            return fetched if rows else (fetched[0][0] if fetched else None)
-        return await greenlet_spawn(self._send_dbapi, pooled, sql, arguments, rows)
-
-    async def _send_prepared(
-        self,
-        pooled: PoolProxiedConnection,
-        sql: str,
-        arguments: Any,
-        rows: bool,
-        driver_timeout: float | None,
-    ) -> Any:
-        """asyncpg: a statement prepared once per connection, under a name of its own
-        (the connection's statement cache may be off), then one round trip per call."""
-        prepared: dict[str, Any] = pooled.info.setdefault(_PREPARED_PG, {})
-        statement = prepared.get(sql)
-        try:
-            if statement is None:
-                began = time.monotonic()
-                statement = await pooled.driver_connection.prepare(  # type: ignore[union-attr]
-                    sql, name=_statement_name(sql), timeout=driver_timeout
-                )
-                if len(prepared) >= 8:  # lock_many()'s sizes come and go
-                    prepared.clear()
-                prepared[sql] = statement
-                if driver_timeout is not None:
-                    driver_timeout -= time.monotonic() - began
-                    if driver_timeout <= 0:
+                    if len(kept.prepared) >= 8:  # lock_many()'s sizes come and go
+                        kept.prepared.clear()
+                    kept.prepared[sql] = statement
+                    timeout -= time.monotonic() - began
+                    if timeout <= 0:
                         raise TimeoutError
-            if rows:
-                return await statement.fetch(*arguments, timeout=driver_timeout)
-            return await statement.fetchval(*arguments, timeout=driver_timeout)
-        except Exception:
-            prepared.pop(sql, None)  # stale after a schema change, or lost by a pooler
-            raise
+                if rows:
+                    return await statement.fetch(*arguments, timeout=timeout)
+                return await statement.fetchval(*arguments, timeout=timeout)
+            except Exception as error:
+                kept.prepared.pop(sql, None)  # stale after a schema change, or lost by a pooler
+                if getattr(error, "sqlstate", None) not in _POOLER_SQLSTATES:
+                    raise
+                self._behind_pooler = True
+                logger.info(
+                    "a pooler in transaction mode lost a prepared statement (%s): "
+                    "acquiring with unnamed statements from now on",
+                    type(error).__name__,
+                )
+        # Unnamed (with asyncpg's statement cache off, as on a locker's own engine):
+        # one round trip more, on one server connection.
+        if rows:
+            return await connection.fetch(sql, *arguments, timeout=timeout)
+        return await connection.fetchval(sql, *arguments, timeout=timeout)
 
-    def _send_dbapi(
-        self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool
+    async def _send_psycopg(
+        self, kept: _Kept, sql: str, arguments: Any, rows: bool, driver_timeout: float | None
+    ) -> Any:
+        cursor = await kept.driver.execute(sql, arguments)
+        if rows:
+            return await cursor.fetchall()
+        row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    async def _send_asyncmy(
+        self, kept: _Kept, sql: str, arguments: Any, rows: bool, driver_timeout: float | None
+    ) -> Any:
+        connection = kept.driver
+        if not rows:
+            # Prepared once per connection: the server then does not parse it on every
+            # tick. Only this statement, as the server counts prepared statements
+            # against one limit for all connections.
+            prepared = kept.prepared.get(sql)
+            if prepared is None:
+                prepared = kept.prepared[sql] = await connection.prepare(_qmark(sql))
+            return (await prepared.execute(arguments)).insert_id or None
+        async with connection.cursor() as cursor:
+            with mysql_duplicates_quiet():  # INSERT IGNORE: a warning per taken tick
+                await cursor.execute(sql, arguments)
+            return await cursor.fetchall()
+
+    async def _send_aiosqlite(
+        self, kept: _Kept, sql: str, arguments: Any, rows: bool, driver_timeout: float | None
+    ) -> Any:
+        connection = kept.driver
+        # A connection shared with the engine may be in the implicit transaction mode;
+        # the row must be committed on its own all the same.
+        was_open = self._shared and connection.in_transaction
+        fetched = await connection.execute_fetchall(sql, arguments)
+        if self._shared and not was_open and connection.in_transaction:
+            await connection.commit()
+        return fetched if rows else (fetched[0][0] if fetched else None)
+
+    async def _send_dbapi(
+        self, kept: _Kept, sql: str, arguments: Any, rows: bool, driver_timeout: float | None
     ) -> Any:
         """Any other asyncio driver, through SQLAlchemy's DBAPI adapter (in a greenlet)."""
+        return await greenlet_spawn(self._send_in_greenlet, kept.pooled, sql, arguments, rows)
+
+    def _send_in_greenlet(
+        self, pooled: PoolProxiedConnection, sql: str, arguments: Any, rows: bool
+    ) -> Any:
         cursor = pooled.cursor()
         try:
             cursor.execute(sql, arguments)
@@ -469,11 +481,12 @@ class Acquirer:
         finally:
             cursor.close()
 
-    def _discard(self, pooled: PoolProxiedConnection, error: BaseException | None) -> None:
+    def _discard(self, kept: _Kept, error: BaseException | None) -> None:
         """Close a connection, in the background: the caller need not wait for the
         driver's polite close (aclose() waits for it). Closed, not returned to the
         pool: nothing to reset, and after an error its state is unknown."""
         self._open -= 1
+        pooled = kept.pooled
         if self._shared:
             if error is None:
                 pooled_close = greenlet_spawn(pooled.close)  # the engine's only connection
@@ -501,8 +514,8 @@ class Acquirer:
                 while self._busy:
                     await self._wait_for_change()
                 idle, self._idle = self._idle, []
-                for pooled, _ in idle:
-                    self._discard(pooled, None)
+                for kept in idle:
+                    self._discard(kept, None)
                 if self._closing:
                     await asyncio.wait(set(self._closing))
                 if self._pool is not None and not self._shared:

@@ -17,8 +17,15 @@ if TYPE_CHECKING:
 
 #: Outcomes that end a run's span, and the span status each gives.
 _ENDINGS = {EventKind.FINISHED: True, EventKind.FAILED: False, EventKind.LEASE_LOST: False}
-#: Each kind's value, looked up once (an enum's ``.value`` is a property).
-_OUTCOMES = {kind: kind.value for kind in EventKind}
+#: The kinds counted as ticks, with their outcome's name (looked up once: an enum's
+#: ``.value``, and even ``EventKind.X``, cost more than a dict lookup).
+_OUTCOMES: dict[EventKind, str] = {
+    kind: kind.value
+    for kind in EventKind
+    if kind not in (EventKind.CLEANED, EventKind.LEASE_RENEWED)
+}
+#: Attribute sets kept for reuse, at most this many (one per job and outcome, usually).
+_MAX_ATTRIBUTE_SETS = 1024
 
 
 def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
@@ -40,25 +47,30 @@ def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
         "aiocronlock.cleaned_rows", unit="{row}", description="Rows pruned by this instance"
     )
     spans: dict[int, Any] = {}
+    # The attributes of each (job, outcome, reason) seen: every lost race records one.
+    attribute_sets: dict[tuple[str | None, str, str | None], dict[str, str]] = {}
 
     def record(
         kind: EventKind, job_name: str | None, identifier: str | None, details: dict[str, Any]
     ) -> None:
-        worker = locker.worker
-        if kind is EventKind.CLEANED:
-            cleaned.add(details.get("rows") or 0, {"aiocronlock.worker": worker})
+        outcome = _OUTCOMES.get(kind)
+        if outcome is None:  # not a tick's
+            if kind is EventKind.CLEANED:
+                cleaned.add(details.get("rows") or 0, {"aiocronlock.worker": locker.worker})
             return
-        if kind is EventKind.LEASE_RENEWED:
-            return
-        outcome = _OUTCOMES[kind]
-        attributes = {
-            "aiocronlock.job": job_name or "",
-            "aiocronlock.outcome": outcome,
-            "aiocronlock.worker": worker,
-        }
         reason = details.get("reason")
-        if reason:
-            attributes["aiocronlock.reason"] = reason
+        attributes = attribute_sets.get((job_name, outcome, reason))
+        if attributes is None:
+            attributes = {
+                "aiocronlock.job": job_name or "",
+                "aiocronlock.outcome": outcome,
+                "aiocronlock.worker": locker.worker,
+            }
+            if reason:
+                attributes["aiocronlock.reason"] = reason
+            if len(attribute_sets) >= _MAX_ATTRIBUTE_SETS:
+                attribute_sets.clear()
+            attribute_sets[job_name, outcome, reason] = attributes
         ticks.add(1, attributes)
         lock_id = details.get("lock_id")
         if lock_id is None:
@@ -69,7 +81,7 @@ def instrument(locker: AsyncDBLocker) -> Callable[[], None]:
                 attributes={
                     "aiocronlock.job": job_name or "",
                     "aiocronlock.identifier": identifier or "",
-                    "aiocronlock.worker": worker,
+                    "aiocronlock.worker": locker.worker,
                     "aiocronlock.lock_id": lock_id,
                 },
             )
