@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aiocronlock import (
     AsyncDBLocker,
+    BackendError,
     CronTrigger,
     EventKind,
     IntervalTrigger,
@@ -370,6 +371,54 @@ async def test_a_failing_job_is_logged_marked_failed_and_the_scheduler_goes_on(
         (FAST("flaky", runs[1]), "FINISHED"),
     ]
     assert {r["status"] for r in rows[1:]} == {"FINISHED"}
+
+
+async def test_a_run_whose_outcome_cannot_be_recorded_is_not_called_failed(
+    backend: Backend,
+    engine: AsyncEngine,
+    make_locker: LockerFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job did its work and only recording FINISHED failed: a warning that says
+    so, not "the run failed"; the outcome is recorded once the database answers."""
+    locker = await make_locker(worker="a", identifier=FAST)
+    scheduler = Scheduler(locker)
+    finish = locker.store.finish
+    refused: list[int] = []
+
+    async def finish_refused_once(lock_id: int, *args: Any, **kwargs: Any) -> None:
+        if not refused:
+            refused.append(lock_id)
+            raise BackendError("unlock()", "the database went away (for this test)")
+        await finish(lock_id, *args, **kwargs)
+
+    monkeypatch.setattr(locker.store, "finish", finish_refused_once)
+    ran = asyncio.Event()
+
+    @scheduler.every(STEP, name="recorded-later")
+    async def recorded_later() -> None:
+        ran.set()
+
+    with LogWatch("not recorded yet", count=1) as warned:
+        async with scheduler:
+            await asyncio.wait_for(ran.wait(), timeout=5)
+            await warned.wait()
+
+    assert _records(caplog, logging.ERROR) == []
+    [warning] = _records(caplog, logging.WARNING, "not recorded yet")
+    assert "recorded-later" in warning.getMessage()
+    assert "finished" in warning.getMessage()
+
+    async def recorded() -> bool:
+        rows = await fetch_rows(engine, backend.table_name)
+        return any(r["id"] == refused[0] and r["status"] == "FINISHED" for r in rows)
+
+    for _ in range(50):  # the background retry comes after 0.5 s
+        if await recorded():
+            break
+        await asyncio.sleep(0.1)
+    assert await recorded()
 
 
 async def test_database_outage_fails_closed_then_recovers_by_itself(

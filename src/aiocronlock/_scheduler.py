@@ -360,9 +360,23 @@ class Scheduler:
         await self._run(job, lock)
 
     async def _run(self, job: Job, lock: Lock) -> None:
+        ran = False
         try:
             async with lock:
                 await _call(job)
+                ran = True
+        except BackendError as error:
+            if not ran:
+                logger.exception("%r: the run at %s failed", job.name, lock.run_time.isoformat())
+                return
+            # The job did its work; only recording that failed, and is retried.
+            logger.warning(
+                "%r: the run at %s finished, but its outcome is not recorded yet (retried "
+                "in the background): %s",
+                job.name,
+                lock.run_time.isoformat(),
+                error,
+            )
         except Exception:
             logger.exception("%r: the run at %s failed", job.name, lock.run_time.isoformat())
 
