@@ -312,6 +312,21 @@ class StallOutcome:
     taker: AsyncDBLocker
 
 
+def _run_under(lock: Lock) -> tuple[asyncio.Task[None], list[float]]:
+    """Start a job that sleeps under ``lock``; the list gets the loop time it stopped."""
+    loop = asyncio.get_running_loop()
+    stopped: list[float] = []
+
+    async def run() -> None:
+        async with lock:
+            try:
+                await asyncio.sleep(60)
+            finally:
+                stopped.append(loop.time())
+
+    return asyncio.create_task(run()), stopped
+
+
 async def _take_when_free(
     locker: AsyncDBLocker, job: str, run_time: datetime
 ) -> tuple[Lock, float]:
@@ -353,16 +368,7 @@ async def _stall_the_holder(
             a_events = EventLog(a)
             lock = await a.lock(job, t1, exclusive=True, lease=lease_s)
             assert lock is not None
-            stopped: list[float] = []
-
-            async def run() -> None:
-                async with lock:
-                    try:
-                        await asyncio.sleep(60)
-                    finally:
-                        stopped.append(loop.time())
-
-            running = asyncio.create_task(run())
+            running, stopped = _run_under(lock)
             tasks.append(running)
             proxy.delay(delay)  # slow answers, before the stall
             async with asyncio.timeout(5):
@@ -726,16 +732,7 @@ async def test_on_sqlite_a_run_whose_renewals_wait_on_the_file_stops_before_anot
     events = EventLog(a)
     lock = await a.lock(job, tick(), exclusive=True, lease=3.0)
     assert lock is not None
-    stopped: list[float] = []
-
-    async def run() -> None:
-        async with lock:
-            try:
-                await asyncio.sleep(60)
-            finally:
-                stopped.append(loop.time())
-
-    running = asyncio.create_task(run())
+    running, stopped = _run_under(lock)
     path = backend.url.split("///", 1)[1]
     async with asyncio.timeout(5):
         await events.wait_for(EventKind.LEASE_RENEWED)
