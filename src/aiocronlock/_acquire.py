@@ -56,14 +56,13 @@ _INPUTS = ("job_name", "job_identifier", "worker")
 class _Compiled:
     """A statement compiled for the engine's dialect, and where each call's values go."""
 
-    __slots__ = ("named", "slots", "sql", "template")
+    __slots__ = ("slots", "sql", "template")
 
     def __init__(self, engine: AsyncEngine, statement: Insert, inputs: dict[str, int]) -> None:
         compiled = statement.compile(dialect=engine.dialect)
         self.sql = str(compiled)
         params = dict(compiled.params)
         order = compiled.positiontup
-        self.named = order is None
         # The parameters with their fixed values, and (name or position, index in the
         # call's values) for every input.
         self.template: Any

@@ -147,20 +147,22 @@ class Store:
                     raise TimeoutError
                 return await work(conn)
 
+        def ended(task: asyncio.Task[_T]) -> None:
+            self._detached.discard(task)
+            if gave_up and not task.cancelled() and task.exception() is not None:
+                logger.debug(
+                    "a statement failed after its caller stopped waiting: %r", task.exception()
+                )
+
         task = asyncio.ensure_future(statement())
         self._detached.add(task)
-        task.add_done_callback(self._detached_ended)
+        task.add_done_callback(ended)
         try:
             async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(task)
         except BaseException:
             gave_up = True
             raise
-
-    def _detached_ended(self, task: asyncio.Task[Any]) -> None:
-        self._detached.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.debug("a statement ended after its caller stopped waiting: %r", task.exception())
 
     def error(self, error: BaseException, operation: str) -> BackendError:
         """The ``BackendError`` for a driver error (or timeout) during ``operation``."""
