@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -719,12 +720,10 @@ async def test_a_released_holder_still_running_stops_at_its_next_renewal(
 async def test_on_sqlite_a_run_whose_renewals_wait_on_the_file_stops_before_another_takes_it(
     backend: Backend, make_locker: LockerFactory
 ) -> None:
-    """SQLite's stall: another process holds the file's write lock, so the holder's
-    renewals wait (SQLite's busy timeout is 30 s, far past the lease). The run must
-    stop by its lease's end, before the next holder can start, with the default
-    timeout and a 3 s lease."""
-    import aiosqlite
-
+    """SQLite's stall: another connection holds the file's write lock, as another
+    process would, so the holder's renewals wait (SQLite's busy timeout is 30 s, far
+    past the lease). The run must stop by its lease's end, before the next holder can
+    start, with the default timeout and a 3 s lease."""
     loop = asyncio.get_running_loop()
     job = f"stalled-{uuid.uuid4().hex[:8]}"
     a = await make_locker(own_engine=True, worker="a")
