@@ -312,6 +312,15 @@ class StallOutcome:
     #: b, the locker that took the job.
     taker: AsyncDBLocker
 
+    def assert_no_overlap(self, settings: str) -> None:
+        """a's run stopped before b's started."""
+        overlap = self.stopped_at - self.taken_at
+        assert overlap <= 0, (
+            f"b started the job {self.taken_at - self.stalled_at:.2f} s into the stall, "
+            f"while a's run went on until {self.stopped_at - self.stalled_at:.2f} s: "
+            f"both ran for {overlap:.2f} s ({settings})"
+        )
+
 
 def _run_under(lock: Lock) -> tuple[asyncio.Task[None], list[float]]:
     """Start a job that sleeps under ``lock``; the list gets the loop time it stopped."""
@@ -438,12 +447,7 @@ async def test_a_stalled_run_is_stopped_before_another_instance_takes_the_job(
     outcome = await _stall_the_holder(backend, make_locker)
     await outcome.taken.unlock()
 
-    overlap = outcome.stopped_at - outcome.taken_at
-    assert overlap <= 0, (
-        f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
-        f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
-        f"both ran for {overlap:.2f} s (lease {STALL_LEASE} s, timeout {STALL_TIMEOUT} s)"
-    )
+    outcome.assert_no_overlap(f"lease {STALL_LEASE} s, timeout {STALL_TIMEOUT} s")
 
 
 # The proxy sits in front of a server: SQLite has no connection to stall.
@@ -458,12 +462,7 @@ async def test_with_the_default_timeout_a_stalled_run_stops_before_another_takes
     await outcome.taken.unlock()
 
     assert isinstance(outcome.error, LeaseLostError), outcome.error
-    overlap = outcome.stopped_at - outcome.taken_at
-    assert overlap <= 0, (
-        f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
-        f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
-        f"both ran for {overlap:.2f} s (lease 3 s, the default timeout)"
-    )
+    outcome.assert_no_overlap("lease 3 s, the default timeout")
 
 
 # The proxy sits in front of a server: SQLite has no connection to stall.
@@ -479,12 +478,7 @@ async def test_after_slow_answers_a_stalled_run_stops_before_another_takes_the_j
     await outcome.taken.unlock()
 
     assert isinstance(outcome.error, LeaseLostError), outcome.error
-    overlap = outcome.stopped_at - outcome.taken_at
-    assert overlap <= 0, (
-        f"b started the job {outcome.taken_at - outcome.stalled_at:.2f} s into the stall, "
-        f"while a's run went on until {outcome.stopped_at - outcome.stalled_at:.2f} s: "
-        f"both ran for {overlap:.2f} s (lease 3 s, answers late)"
-    )
+    outcome.assert_no_overlap("lease 3 s, answers late")
 
 
 # -- losing the lease: the holder's process dies ------------------------------------------------
