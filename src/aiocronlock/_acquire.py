@@ -270,7 +270,7 @@ class Acquirer:
                 async with asyncio.timeout_at(deadline):
                     kept = await self._checkout()
             try:
-                compiled = self._compiled_for.get(rows) or self._compiled(rows)
+                compiled = self._compiled(rows)
                 sql, arguments = compiled.sql, compiled.arguments(values)
                 if sql_logger.isEnabledFor(logging.DEBUG):
                     sql_logger.debug("%s %r", sql, arguments)

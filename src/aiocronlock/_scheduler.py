@@ -365,20 +365,18 @@ class Scheduler:
             async with lock:
                 await _call(job)
                 ran = True
-        except BackendError as error:
-            if not ran:
+        except Exception as error:
+            if ran and isinstance(error, BackendError):
+                # The job did its work; only recording that failed, and is retried.
+                logger.warning(
+                    "%r: the run at %s finished, but its outcome is not recorded yet "
+                    "(retried in the background): %s",
+                    job.name,
+                    lock.run_time.isoformat(),
+                    error,
+                )
+            else:
                 logger.exception("%r: the run at %s failed", job.name, lock.run_time.isoformat())
-                return
-            # The job did its work; only recording that failed, and is retried.
-            logger.warning(
-                "%r: the run at %s finished, but its outcome is not recorded yet (retried "
-                "in the background): %s",
-                job.name,
-                lock.run_time.isoformat(),
-                error,
-            )
-        except Exception:
-            logger.exception("%r: the run at %s failed", job.name, lock.run_time.isoformat())
 
 
 def _is_async(func: JobFunction) -> bool:
