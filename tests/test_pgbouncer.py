@@ -10,6 +10,7 @@ except under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,13 +18,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from aiocronlock import AsyncDBLocker, lock_table
-from conftest import IN_CI, _reachable
+from conftest import IN_CI, _reachable, server_url
 
 PGBOUNCER_URL = os.environ.get(
     "AIOCRONLOCK_TEST_PGBOUNCER_URL", "postgresql://postgres@127.0.0.1:6432/test"
@@ -32,6 +33,8 @@ PGBOUNCER_URL = os.environ.get(
 TICKS = 200
 WORKERS = 3
 JOBS = 2
+#: A short lease, renewed every third of it, for the exclusive test.
+LEASE = timedelta(seconds=0.9)
 
 
 def _driver(driver: str) -> URL:
@@ -83,6 +86,7 @@ async def lockers(
         AsyncDBLocker(target, worker=f"w{i}", table_name=table, clean_interval=None)
         for i, target in enumerate(targets)
     ]
+    print(f"\n{request.param}: ", end="")  # what the test prints next (-s or -rA)
     try:
         yield lockers
     finally:
@@ -166,9 +170,68 @@ async def exercise(lockers: list[AsyncDBLocker]) -> dict[str, Any]:
 async def test_every_call_works_through_pgbouncer(lockers: list[AsyncDBLocker]) -> None:
     result = await exercise(lockers)
 
+    print(f"{len(result['errors'])} errors in {TICKS} ticks x {JOBS} jobs x {WORKERS} workers")
     assert [repr(e) for e in result["errors"][:3]] == [], f"{len(result['errors'])} errors"
     runs = result["runs"]
     assert set(runs.values()) == {1}, "a tick ran twice"
     # Every tick of every job ran once: lock_many() on a quarter, lock() on the rest.
     assert len(runs) == TICKS * JOBS
     assert result["rows"] == TICKS * JOBS
+
+
+@pytest.mark.parametrize("lockers", list(WAYS), indirect=True)
+async def test_an_exclusive_lease_is_renewed_through_pgbouncer(
+    lockers: list[AsyncDBLocker],
+) -> None:
+    """Held for over three leases, an exclusive lock keeps its lease (renewed every
+    third of it, each renewal maybe on another server connection): a rival never
+    takes the job meanwhile, and takes it once the lock is released."""
+    holder, rival = lockers[0], lockers[1]
+    await holder.create_table()
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+    lock = await holder.lock("exclusive", start, exclusive=True, lease=LEASE)
+    assert lock is not None
+    async with lock:
+        for n in range(1, 9):
+            await asyncio.sleep(LEASE.total_seconds() / 2)
+            tick = start + timedelta(seconds=n)
+            assert await rival.lock("exclusive", tick, exclusive=True, lease=LEASE) is None, n
+        assert not lock.lost
+    after = await rival.lock("exclusive", start + timedelta(seconds=10), exclusive=True)
+    assert after is not None
+    await after.unlock()
+    print(f"lease {LEASE.total_seconds():g} s kept for {8 * LEASE.total_seconds() / 2:g} s")
+
+
+async def test_a_direct_connection_keeps_the_acquire_statement_prepared(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a pooler, lock() stays on its fast path: the acquire INSERT prepared
+    once, by name, on the connection kept for it (and no switch to unnamed ones)."""
+    caplog.set_level(logging.INFO, logger="aiocronlock")
+    locker = AsyncDBLocker(
+        server_url("postgresql"), table_name=f"t_{uuid.uuid4().hex[:12]}", clean_interval=None
+    )
+    opened: list[Any] = []
+    event.listen(locker.engine.sync_engine, "connect", lambda dbapi, _record: opened.append(dbapi))
+    try:
+        await locker.create_table()
+        tick = datetime.now(UTC).replace(microsecond=0)
+        for n in range(20):  # won, then lost
+            assert (await locker.lock(f"job-{n}", tick)) is not None
+            assert await locker.lock(f"job-{n}", tick) is None
+        prepared = [
+            await dbapi.driver_connection.fetchval(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'aiocronlock_%'"
+            )
+            for dbapi in opened
+            if not dbapi.driver_connection.is_closed()
+        ]
+        assert 1 in prepared, prepared
+        assert "unnamed statements" not in caplog.text
+    finally:
+        metadata = MetaData()
+        lock_table(metadata, name=locker.table.name)
+        async with locker.engine.begin() as conn:
+            await conn.run_sync(lambda sync: metadata.drop_all(sync, checkfirst=True))
+        await locker.aclose()
