@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aiocronlock import AsyncDBLocker
+from aiocronlock import AsyncDBLocker, precision
 from conftest import Backend, LockerFactory, StatementCounter, fetch_rows
 
 NOW = object()  # stands for "a valid run time", computed when the test runs
@@ -47,6 +47,26 @@ BAD_LOCK_ARGUMENTS = [
         "job", datetime(9999, 12, 31, 23, tzinfo=MINUS_5), ValueError, "run_time", id="utc-year-10k"
     ),
 ]
+
+
+@pytest.mark.parametrize("step", [timedelta(days=7), timedelta(seconds=420)], ids=str)
+async def test_a_run_time_whose_step_starts_before_year_1_raises_before_sql(
+    backend: Backend,
+    engine: AsyncEngine,
+    make_locker: LockerFactory,
+    count_statements: StatementCounter,
+    step: timedelta,
+) -> None:
+    """In range itself, but its tick's step (counted from the Unix epoch) starts in
+    year 0: the same named error as other bad run times, not an OverflowError."""
+    locker = await make_locker(identifier=precision(step))
+    count_statements.statements.clear()
+
+    with pytest.raises(ValueError, match="run_time 0001-01-01T00:00:00"):
+        await locker.lock("job", datetime(1, 1, 1, tzinfo=UTC))
+
+    assert len(count_statements) == 0
+    assert await fetch_rows(engine, backend.table_name) == []
 
 
 @pytest.mark.parametrize(("job_name", "run_time", "error", "parameter"), BAD_LOCK_ARGUMENTS)

@@ -37,15 +37,22 @@ class Precision:
 
     step: timedelta
 
-    def _start(self, run_time: datetime) -> timedelta:
-        """How long after the Unix epoch the step that holds ``run_time`` starts."""
+    def _start(self, run_time: datetime, epoch: datetime) -> datetime:
+        """The start of the step that holds ``run_time``, counted from ``epoch`` (the
+        Unix epoch, aware or naive)."""
         step_us = self.step // _MICROSECOND
         elapsed_us = (run_time - _EPOCH) // _MICROSECOND
-        return timedelta(microseconds=elapsed_us - elapsed_us % step_us)
+        try:
+            return epoch + timedelta(microseconds=elapsed_us - elapsed_us % step_us)
+        except OverflowError:  # in the first step of year 1, which starts before it
+            raise ValueError(
+                f"run_time {run_time.isoformat()} falls in a step of {self.step} that "
+                "starts before year 1: no identifier can name its tick"
+            ) from None
 
     def truncate(self, run_time: datetime) -> datetime:
         """The start of the step that holds ``run_time``, in UTC."""
-        return _EPOCH + self._start(run_time)
+        return self._start(run_time, _EPOCH)
 
     def nearest(self, moment: datetime) -> datetime:
         """The multiple of ``step`` closest to ``moment``: a guess at the scheduled time
@@ -55,7 +62,7 @@ class Precision:
     def __call__(self, job_name: str, run_time: datetime, /) -> str:
         # 2025-01-01T10:11:12Z, or 2025-01-01T10:11:12.345000Z when the step starts
         # within a second (isoformat of a naive datetime, as strftime's %S.%f would be).
-        return (_NAIVE_EPOCH + self._start(run_time)).isoformat() + "Z"
+        return self._start(run_time, _NAIVE_EPOCH).isoformat() + "Z"
 
 
 def precision(step: timedelta | float = timedelta(seconds=1)) -> Precision:
