@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,13 +16,15 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from sqlalchemy import MetaData, update
+from sqlalchemy import MetaData, inspect, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aiocronlock import AsyncDBLocker, lock_table
+from aiocronlock import AsyncDBLocker, TableMissingError, lock_table
 from conftest import server_url
 
 SCRIPT = Path(sys.executable).with_name("aiocronlock")
@@ -28,20 +32,24 @@ LONG_JOB = "nightly-report-for-the-accounting-department"
 LONG_WORKER = "worker-on-a-rather-long-hostname.example.internal:123456"
 
 
-def run(
-    *args: str, columns: int | None = 200, timeout: float = 60, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    """``aiocronlock ARGS``, its output piped, as a script would run it."""
+def _env(columns: int | None = 200, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("AIOCRONLOCK_URL", "COLUMNS")}
     env["NO_COLOR"] = "1"
     if columns is not None:
         env["COLUMNS"] = str(columns)
     env.update(extra)
+    return env
+
+
+def run(
+    *args: str, columns: int | None = 200, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``aiocronlock ARGS``, its output piped, as a script would run it."""
     return subprocess.run(
         [str(SCRIPT), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(columns, **extra),
         timeout=timeout,
         check=False,
     )
@@ -147,10 +155,11 @@ def _imported(*args: str) -> set[str]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["history", "--help"]])
-def test_help_imports_neither_sqlalchemy_nor_rich(args: list[str]) -> None:
+def test_help_imports_neither_asyncio_nor_sqlalchemy_nor_rich(args: list[str]) -> None:
     modules = _imported(*args)
     assert "aiocronlock._cli" in modules  # the measure sees the package's own imports
-    assert {m for m in modules if m.split(".")[0] in ("sqlalchemy", "rich")} == set()
+    heavy = ("asyncio", "sqlalchemy", "rich")
+    assert {m for m in modules if m.split(".")[0] in heavy} == set()
 
 
 def test_init_does_not_import_rich(tmp_path: Path) -> None:
@@ -211,18 +220,27 @@ def test_history_fits_80_columns_and_keeps_times_whole(url: str, columns: int | 
     assert "…" not in result.stdout
 
 
-def test_history_over_several_days_shows_each_date(url: str) -> None:
-    identifiers = asyncio.run(_record(url, [("a", "pod-a"), ("b", "pod-b")]))
+@pytest.mark.parametrize("long_names", [False, True], ids=["short-names", "long-names"])
+def test_history_over_several_days_shows_each_date(url: str, long_names: bool) -> None:
+    job, worker = ("j" * 60, "w" * 60) if long_names else ("a", "pod-a")
+    identifiers = asyncio.run(_record(url, [(job, worker), ("b", "pod-b"), (job, worker)]))
     asyncio.run(_move_back(url, identifiers[1], timedelta(days=3)))
     result = run("--url", url, "history", columns=None)
     assert result.returncode == 0, result.stderr
     _assert_fits(result.stdout, identifiers)
+    assert "started (UTC)" in result.stdout  # the header on one line
+    assert "…" not in result.stdout
+    lines = result.stdout.splitlines()
     runs = json.loads(run("--url", url, "history", "--json").stdout)["runs"]
     assert len({run["started_at"][:10] for run in runs}) == 2
     for shown in runs:
         started = datetime.fromisoformat(shown["started_at"])
-        assert started.strftime("%Y-%m-%d") in result.stdout
-        assert started.strftime("%H:%M:%S.%f")[:-3] in result.stdout
+        day, time_of_day = started.strftime("%Y-%m-%d"), started.strftime("%H:%M:%S.%f")[:-3]
+        # Each start whole, to the millisecond: on one line, or its time below its date.
+        assert f"{day} {time_of_day}" in result.stdout or any(
+            day in above and below.find(time_of_day) == above.rfind(day)
+            for above, below in pairwise(lines)
+        ), (day, time_of_day, result.stdout)
 
 
 def test_history_json_is_for_scripts(url: str) -> None:
@@ -346,6 +364,65 @@ def test_demo_on_an_existing_table_says_its_runs_stay() -> None:
         assert f"stay in table {table}" in result.stderr
         assert asyncio.run(_table_exists(url, table))
     finally:
+        asyncio.run(_drop(url, table))
+
+
+async def _tables_named(url: str, prefix: str) -> list[str]:
+    """The tables whose name starts with ``prefix``: the lock table and its leases table."""
+    engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return sorted(name for name in names if name.startswith(prefix))
+
+
+async def _wait_for_a_run(url: str, table: str, demo: subprocess.Popen[str]) -> None:
+    """Until the demo's workers have recorded a run: the race is under way."""
+    locker = AsyncDBLocker(url, table_name=table, clean_interval=None)
+    try:
+        async with asyncio.timeout(60):
+            while demo.poll() is None:
+                with contextlib.suppress(TableMissingError):
+                    if await locker.history(limit=1):
+                        return
+                await asyncio.sleep(0.1)
+    finally:
+        await locker.aclose()
+    raise AssertionError(f"the demo ended early: {demo.communicate()}")
+
+
+@pytest.mark.slow
+def test_demo_interrupted_drops_the_tables_it_created() -> None:
+    parsed = make_url(server_url("postgresql").replace("+asyncpg", ""))
+    if parsed.password is None:  # the server trusts: any password shows the masking
+        parsed = parsed.set(password="not-a-secret")
+    url = parsed.render_as_string(hide_password=False)
+    table = f"demo_{uuid.uuid4().hex[:12]}"
+    args = ["demo", "--url", url, "--table", table, "--workers", "2", "--jobs", "1"]
+    demo = subprocess.Popen(
+        [str(SCRIPT), *args, "--duration", "60s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        process_group=0,  # Ctrl-C reaches the demo and its workers, as in a terminal
+    )
+    try:
+        asyncio.run(_wait_for_a_run(url, table, demo))
+        os.killpg(demo.pid, signal.SIGINT)
+        stdout, stderr = demo.communicate(timeout=60)
+        assert demo.returncode == 130, (stdout, stderr)
+        assert "Traceback" not in stdout + stderr
+        masked = parsed.render_as_string(hide_password=True)
+        assert f"the demo created table {table} on {masked} and dropped it again" in stderr
+        assert str(parsed.password) not in stdout + stderr
+        assert asyncio.run(_tables_named(url, table)) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
         asyncio.run(_drop(url, table))
 
 

@@ -1,6 +1,6 @@
 """The ``aiocronlock`` command line: demo, init, history, prune, release.
 
-Each command imports only what it needs: ``--help`` loads neither SQLAlchemy nor rich.
+Each command imports only what it needs: ``--help`` loads none of asyncio, SQLAlchemy and rich.
 """
 
 from __future__ import annotations
@@ -189,14 +189,15 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a usage or database error)."""
-    import asyncio
-    import logging
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [WORKER_COMMAND]:
         args = build_worker_parser().parse_args(argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    # Only once the arguments are read: --help and --version exit before this.
+    import asyncio
+    import logging
+
     logging.basicConfig(level=logging.WARNING, format="aiocronlock: %(levelname)s: %(message)s")
     try:
         return asyncio.run(_dispatch(args))
@@ -395,8 +396,9 @@ def _history_table(runs: Sequence[JobRun], *, where: str) -> Any:
         "SKIPPED": "dim",
     }
     days = {run.started_at.date() for run in runs}
-    # One day, the common case: the date goes in the title and a start is its time of day.
-    started = "%H:%M:%S.%f" if len(days) == 1 else "%Y-%m-%d %H:%M:%S.%f"
+    # One day, the common case: the date goes in the title and a start is its time of day;
+    # over several days a start is its date above its time, so the column stays narrow.
+    started = "%H:%M:%S.%f" if len(days) == 1 else "%Y-%m-%d\n%H:%M:%S.%f"
     title = f"recent runs in {where}"
     if len(days) == 1:
         title += f", started on {days.pop():%Y-%m-%d} (UTC)"
@@ -409,7 +411,7 @@ def _history_table(runs: Sequence[JobRun], *, where: str) -> Any:
     table.add_column("tick", overflow="fold", no_wrap=short_ticks)
     table.add_column("worker", overflow="fold")
     table.add_column("status", no_wrap=True)
-    table.add_column("started" if len(days) < 2 else "started (UTC)", no_wrap=len(days) < 2)
+    table.add_column("started" if len(days) < 2 else "started (UTC)", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
     for run in runs:
         duration = run.duration

@@ -22,6 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from ._cli import URL_ENV, WORKER_COMMAND
 from ._errors import TableMissingError
 from ._identifiers import precision
@@ -33,6 +35,8 @@ from ._urls import mask_url
 
 #: How long the worker processes may take to start before the demo gives up.
 STARTUP_LIMIT_SECONDS = 60.0
+#: How long the workers may take to exit once told to stop, before they are killed.
+STOP_LIMIT_SECONDS = 5.0
 _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 
@@ -146,19 +150,21 @@ async def run_demo(
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="aiocronlock-"))
             url = f"sqlite:///{Path(folder) / 'demo.db'}"
         locker = AsyncDBLocker(url, table_name=table, clean_interval=None, timeout=call_timeout)
+        race = _Race(
+            jobs=[f"job-{n}" for n in range(1, jobs + 1)],
+            ticks=[],
+            workers=[f"worker-{n}" for n in range(1, workers + 1)],
+        )
+        processes: list[asyncio.subprocess.Process] = []
+        created = dropped = completed = False
         try:
             created = not temporary and not await _has_table(locker)
             await locker.create_table()
-            race = _Race(
-                jobs=[f"job-{n}" for n in range(1, jobs + 1)],
-                ticks=[],
-                workers=[f"worker-{n}" for n in range(1, workers + 1)],
-            )
             count = max(1, int(duration.total_seconds() // step))
             # A bound in case this process dies and cannot close the workers' stdin.
             until = time.time() + STARTUP_LIMIT_SECONDS + count * step + 30
-            processes = [
-                await asyncio.create_subprocess_exec(
+            for name in race.workers:
+                process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "aiocronlock",
@@ -181,8 +187,7 @@ async def run_demo(
                     # Not on the command line, where `ps` would show its password.
                     env={**os.environ, URL_ENV: url},
                 )
-                for name in race.workers
-            ]
+                processes.append(process)
             readers = [asyncio.create_task(_read_runs(p, race)) for p in processes]
             errors = [asyncio.create_task(_read_all(p.stderr)) for p in processes]
             if await _workers_ready(race, readers, as_json=as_json):
@@ -210,29 +215,45 @@ async def run_demo(
                 failures.append(f"the workers did not all start within {STARTUP_LIMIT_SECONDS:g} s")
                 race.ticks = [time.time()]
             race.finished_rows = await _count_finished(locker, race)
-            if created:
-                await _drop_tables(locker)
+            completed = True
         finally:
+            # Also when interrupted (Ctrl-C cancels this task) or failing: the workers
+            # stop, and what the demo created goes, each within a bound.
+            await _stop_workers(processes)
+            if created:
+                dropped = await _drop_tables(locker, call_timeout)
             await locker.aclose()
+            if not completed and not temporary:
+                _note_tables(locker, url, race, created=created, dropped=dropped)
     summary = race.summary()
     if as_json:
         print(json.dumps(summary))
     else:
         _show_summary(summary, failures)
     if not temporary:
-        where = f"table {locker.table.name} on {mask_url(url)}"
-        if created:
-            note = f"the demo created {where} and dropped it again"
-        else:
-            note = (
-                f"the demo's runs ({', '.join(race.jobs)}) stay in {where}; "
-                "`aiocronlock prune` deletes them once they are old enough"
-            )
-        print(f"aiocronlock: {note}", file=sys.stderr)
+        _note_tables(locker, url, race, created=created, dropped=dropped)
     for failure in failures:
         print(f"aiocronlock: error: {failure}", file=sys.stderr)
     ok = summary["duplicates"] == 0 and summary["misses"] == 0 and not failures
     return 0 if ok else 1
+
+
+def _note_tables(
+    locker: AsyncDBLocker, url: str, race: _Race, *, created: bool, dropped: bool
+) -> None:
+    """Say on stderr what the demo left in a database the user named, and where."""
+    where = f"table {locker.table.name} on {mask_url(url)}"
+    if created and dropped:
+        note = f"the demo created {where} and dropped it again"
+    elif created:
+        names = " and ".join(sorted(locker.table.metadata.tables))
+        note = f"the demo created {where} and could not drop it: drop {names} by hand"
+    else:
+        note = (
+            f"the demo's runs ({', '.join(race.jobs)}) stay in {where}; "
+            "`aiocronlock prune` deletes them once they are old enough"
+        )
+    print(f"aiocronlock: {note}", file=sys.stderr)
 
 
 async def _read_runs(process: asyncio.subprocess.Process, race: _Race) -> None:
@@ -299,10 +320,32 @@ async def _has_table(locker: AsyncDBLocker) -> bool:
     return True
 
 
-async def _drop_tables(locker: AsyncDBLocker) -> None:
-    """Drop the lock table the demo created, and its leases table."""
-    async with locker.engine.begin() as conn:
-        await conn.run_sync(lambda sync: locker.table.metadata.drop_all(sync, checkfirst=True))
+async def _stop_workers(processes: list[asyncio.subprocess.Process]) -> None:
+    """Close the workers' stdin, wait for them to exit, and kill those that do not in time."""
+    await _close_stdin_at(processes, 0.0)
+    with anyio.move_on_after(STOP_LIMIT_SECONDS, shield=True):
+        for process in processes:
+            await process.wait()
+    with anyio.move_on_after(STOP_LIMIT_SECONDS, shield=True):
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
+async def _drop_tables(locker: AsyncDBLocker, limit: timedelta) -> bool:
+    """Drop the lock table the demo created, and its leases table; False if that failed."""
+    with anyio.move_on_after(limit.total_seconds(), shield=True):
+        try:
+            async with locker.engine.begin() as conn:
+                await conn.run_sync(
+                    lambda sync: locker.table.metadata.drop_all(sync, checkfirst=True)
+                )
+        except Exception:
+            return False
+        return True
+    return False
 
 
 def _utc(tick: float) -> datetime:
