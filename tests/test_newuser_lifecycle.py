@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -68,6 +69,45 @@ def test_a_second_event_loop_is_refused_before_any_statement(backend: Backend, g
     assert all("create the locker (and its engine) in the loop" in r for r in refused)
     rows = asyncio.run(_rows(backend))
     assert rows == [(locker.identifier("job", first), "FINISHED")]
+
+
+# The first loop's connections cannot be closed any more: their loop is gone. Collected,
+# they warn (SQLAlchemy's pool, the drivers, their sockets); that is the case under test,
+# not a leak, so the warnings are ignored and the test collects them itself, while they are.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore:The garbage collector:sqlalchemy.exc.SAWarning")
+@pytest.mark.parametrize("given", ["url", "engine"])
+def test_a_second_event_loop_is_refused_while_the_first_loops_connections_are_open(
+    backend: Backend, given: str
+) -> None:
+    """The reported case: the first ``asyncio.run`` ends without ``aclose()``, so the
+    locker still keeps connections of that loop. The next loop's ``lock()`` is refused
+    before its INSERT is sent: no tick is won that nobody runs."""
+    engine = create_async_engine(backend.url)
+    target: AsyncEngine | str = engine if given == "engine" else backend.url
+    locker = AsyncDBLocker(target, table_name=backend.table_name, clean_interval=None)
+    first, second = _tick(), _tick(1)
+    won = locker.identifier("job", first)
+
+    async def second_loop(locker: AsyncDBLocker) -> str:
+        # What lock() did, as text: a traceback would keep the locker from collection.
+        try:
+            await locker.lock("job", second)
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        return "lock() returned"
+
+    try:
+        asyncio.run(_run_once(locker, first))  # no aclose(), no dispose()
+        refused = asyncio.run(second_loop(locker))
+    finally:
+        del locker, engine, target
+        for _ in range(3):  # a connection's finalizer frees more for the next pass
+            gc.collect()
+
+    assert refused.startswith("RuntimeError: ") and "another event loop" in refused, refused
+    rows = asyncio.run(_rows(backend))  # read with a fresh engine, in a loop of its own
+    assert rows == [(won, "FINISHED")]
 
 
 async def test_lost_reads_false_until_the_lease_is_lost() -> None:

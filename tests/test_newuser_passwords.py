@@ -8,19 +8,24 @@ the command line's output.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiocronlock import AsyncDBLocker, BackendError
 from aiocronlock._engine import describe, mask_url
+from conftest import server_url
 
 #: In every password below; found in no other text.
 MARK = "Hunter2"
@@ -35,13 +40,20 @@ FORMS = {
     "?password= among others": "bob@{where}?connect_timeout=3&password=Hunter2",
     "?passwd=": "bob@{where}?passwd=Hunter2",
 }
-SCHEMES = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
+#: backend -> the URL's scheme, as a user writes it (the bare ones get a driver filled in).
+SCHEMES = {
+    "postgresql": "postgresql",
+    "psycopg": "postgresql+psycopg",
+    "mysql": "mysql",
+    "mariadb": "mariadb+asyncmy",
+    "sqlite": "sqlite",
+}
 CASES = [
     pytest.param(backend, form, id=f"{backend}-{form}")
     for backend in SCHEMES
     for form in FORMS
     # connect_timeout is a PostgreSQL setting; asyncmy takes no other parameter by that name.
-    if not (backend == "mysql" and form == "?password= among others")
+    if not (backend in ("mysql", "mariadb") and form == "?password= among others")
 ]
 
 
@@ -109,12 +121,9 @@ async def test_no_password_in_repr_errors_or_logs(
     assert [text for text in texts if MARK in text] == []
 
 
-@pytest.mark.parametrize(("backend", "form"), CASES)
-def test_no_password_in_the_command_line_output(
-    backend: str, form: str, closed_port: int, tmp_path: Path
-) -> None:
-    url = _url(backend, form, closed_port, tmp_path)
-    result = subprocess.run(
+def _cli_history(url: str) -> subprocess.CompletedProcess[str]:
+    """``aiocronlock --url URL history``, run as a user would."""
+    return subprocess.run(
         [Path(sys.executable).with_name("aiocronlock"), "--url", url, "history"],
         capture_output=True,
         text=True,
@@ -122,10 +131,68 @@ def test_no_password_in_the_command_line_output(
         check=False,
         env=_env(),
     )
+
+
+@pytest.mark.parametrize(("backend", "form"), CASES)
+def test_no_password_in_the_command_line_output(
+    backend: str, form: str, closed_port: int, tmp_path: Path
+) -> None:
+    url = _url(backend, form, closed_port, tmp_path)
+    result = _cli_history(url)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "***" in result.stderr  # it says where it tried
     assert MARK not in result.stdout + result.stderr
+
+
+@pytest.fixture
+async def mariadb_user() -> AsyncIterator[str]:
+    """A MariaDB account with the password 'right', as ``user@host:port/db``.
+
+    On MariaDB rather than PostgreSQL: the local PostgreSQL may trust every local
+    connection, and then accepts a wrong password."""
+    root = server_url("mysql")
+    engine = create_async_engine(root)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("DROP USER IF EXISTS 'a18pw'@'%'"))
+            await conn.execute(text("CREATE USER 'a18pw'@'%' IDENTIFIED BY 'right'"))
+            parsed = make_url(root)
+            await conn.execute(text(f"GRANT SELECT ON `{parsed.database}`.* TO 'a18pw'@'%'"))
+        yield f"a18pw@{parsed.host}:{parsed.port or 3306}/{parsed.database}"
+    finally:
+        async with engine.connect() as conn:
+            await conn.execute(text("DROP USER IF EXISTS 'a18pw'@'%'"))
+        await engine.dispose()
+
+
+async def test_a_wrong_password_refused_by_a_real_server_is_not_shown(
+    mariadb_user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server checks the ``?password=`` it is sent (the right one logs in), refuses
+    the wrong one, and the wrong one shows nowhere: repr, error, log, command line."""
+    async with AsyncDBLocker(
+        f"mysql://{mariadb_user}?password=right", clean_interval=None
+    ) as locker:
+        assert locker.clock_offset is not None  # logged in, and asked the server the time
+
+    caplog.set_level(logging.DEBUG)
+    url = f"mysql://{mariadb_user}?password=wrong{MARK}"
+    locker = AsyncDBLocker(url, timeout=5, clean_interval=None)
+    async with locker:
+        with pytest.raises(BackendError) as info:
+            await locker.lock("job")
+    # The server's refusal, for the password it was sent, with the URL masked.
+    assert "Access denied for user 'a18pw'" in str(info.value)
+    assert "using password: YES" in str(info.value)
+    assert "password=***" in str(info.value)
+    result = await asyncio.to_thread(_cli_history, url)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Access denied" in result.stderr
+
+    texts = [repr(locker), *_texts(info.value), *_log_texts(caplog.records)]
+    texts += [result.stdout, result.stderr]
+    assert [text for text in texts if MARK in text] == []
 
 
 @pytest.mark.parametrize(
