@@ -335,16 +335,24 @@ async def _stop_workers(processes: list[asyncio.subprocess.Process]) -> None:
 
 
 async def _drop_tables(locker: AsyncDBLocker, limit: timedelta) -> bool:
-    """Drop the lock table the demo created, and its leases table; False if that failed."""
+    """Drop the lock table the demo created, and its leases table; False (and why, on
+    stderr) if that failed."""
     with anyio.move_on_after(limit.total_seconds(), shield=True):
         try:
             async with locker.engine.begin() as conn:
                 await conn.run_sync(
                     lambda sync: locker.table.metadata.drop_all(sync, checkfirst=True)
                 )
-        except Exception:
+        except Exception as error:
+            print(
+                f"aiocronlock: error: dropping the demo's tables failed: {error}", file=sys.stderr
+            )
             return False
         return True
+    print(
+        f"aiocronlock: error: dropping the demo's tables took over {limit.total_seconds():g} s",
+        file=sys.stderr,
+    )
     return False
 
 
