@@ -433,3 +433,30 @@ async def _drop(url: str, table: str) -> None:
             await conn.run_sync(locker.table.metadata.drop_all)
     finally:
         await locker.aclose()
+
+
+def test_the_readme_history_sample_is_laid_out_as_the_command_prints(tmp_path: Path) -> None:
+    """The README's sample shows what `aiocronlock history` prints in 80 columns on the
+    default database: its title (which holds the day), the header and the rule."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sample = readme.split("$ aiocronlock history --limit 4\n", 1)[1].split("\n\n", 1)[0]
+    url = f"sqlite:///{tmp_path / 'aiocronlock.db'}"
+    assert run("--url", url, "init").returncode == 0
+    asyncio.run(_record(url, [("heartbeat", "pod-a")]))
+    result = subprocess.run(  # in the folder of the default sqlite:///aiocronlock.db
+        [str(SCRIPT), "history", "--limit", "4"],
+        capture_output=True,
+        text=True,
+        env=_env(80),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+    def layout(text: str) -> list[str]:
+        title, header, rule = text.split("\nid ", 1)[0], *text.split("\nid ", 1)[1].splitlines()[:2]
+        title = "\n".join(line.strip() for line in title.splitlines())
+        return [re.sub(r"\d{4}-\d{2}-\d{2}", "DAY", title), " ".join(header.split()), rule[:1]]
+
+    assert layout(sample) == layout(result.stdout), (sample, result.stdout)
