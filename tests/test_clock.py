@@ -9,8 +9,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import event
 
-from aiocronlock import CronTrigger, Scheduler, current_lock
+from aiocronlock import AsyncDBLocker, CronTrigger, Scheduler, current_lock
 from aiocronlock.testing import FakeClock, memory_locker
 from conftest import Backend, LockerFactory
 
@@ -153,3 +154,15 @@ async def test_instances_five_seconds_apart_fire_every_tick_once(
         missing = [t for t in expected if t not in ticks]
         assert missing == [], f"{name}: ticks never run: {missing}; ran {runs}"
         assert {worker for _, worker in runs} <= {"ahead", "on-time"}
+
+
+async def test_the_clock_offset_leaves_out_the_time_to_connect(backend: Backend) -> None:
+    """A first connection that takes half a second to open does not show as an offset
+    between the clocks (by half that time, as when the first reading was kept)."""
+    locker = AsyncDBLocker(backend.url, table_name=backend.table_name, clean_interval=None)
+    event.listen(locker.engine.sync_engine, "connect", lambda *_: time.sleep(0.5))
+    try:
+        offset = await locker.check_clock()
+    finally:
+        await locker.aclose()
+    assert abs(offset) < timedelta(seconds=0.1), offset

@@ -517,7 +517,10 @@ async def test_a_killed_holder_blocks_the_job_until_its_lease_expires(
     b = await make_locker(worker="b")
     holder, held_id = await _start_holder(backend, "crashed", "nightly", lease)
     try:
-        following = tick(1)
+        # A tick after the holder's, which its database clock named (it may run ahead
+        # of this process's by a loaded round trip).
+        (held,) = await b.history("nightly")
+        following = max(tick(1), datetime.fromisoformat(held.identifier) + timedelta(seconds=1))
         assert await b.lock("nightly", following, exclusive=True) is None
     finally:
         holder.kill()

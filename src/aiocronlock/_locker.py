@@ -716,14 +716,19 @@ class AsyncDBLocker:
         precision. The offset is kept in ``clock_offset``; ``async with`` measures it.
         """
         self._check_open()
-        before = self.clock.now()
-        database = await self.store.now("check_clock()")
-        after = self.clock.now()
-        offset = database - (before + (after - before) / 2)
+        # Two readings, keeping the shorter round trip: the first may include opening a
+        # connection, which would skew the offset by half the time that took.
+        readings = []
+        for _ in range(2):
+            before = self.clock.now()
+            database = await self.store.now("check_clock()")
+            readings.append((self.clock.now() - before, database, before))
+        round_trip, database, before = min(readings)
+        offset = database - (before + round_trip / 2)
         self.clock_offset = offset
         step = getattr(self.identifier, "step", None)
         tolerance = (step if isinstance(step, timedelta) else timedelta(seconds=1)) / 4
-        uncertainty = (after - before) / 2
+        uncertainty = round_trip / 2
         if abs(offset) - uncertainty > tolerance and not getattr(self.clock, "simulated", False):
             logger.warning(
                 "this instance's clock differs from the database's by %.3f s, more than a "
