@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from aiocronlock import AsyncDBLocker, lock_table
-from conftest import IN_CI, _reachable, server_url
+from conftest import IN_CI, _drop_table, _reachable, server_url
 
 PGBOUNCER_URL = os.environ.get(
     "AIOCRONLOCK_TEST_PGBOUNCER_URL", "postgresql://postgres@127.0.0.1:6432/test"
@@ -209,9 +209,8 @@ async def test_a_direct_connection_keeps_the_acquire_statement_prepared(
     """Without a pooler, lock() stays on its fast path: the acquire INSERT prepared
     once, by name, on the connection kept for it (and no switch to unnamed ones)."""
     caplog.set_level(logging.INFO, logger="aiocronlock")
-    locker = AsyncDBLocker(
-        server_url("postgresql"), table_name=f"t_{uuid.uuid4().hex[:12]}", clean_interval=None
-    )
+    url, table = server_url("postgresql"), f"t_{uuid.uuid4().hex[:12]}"
+    locker = AsyncDBLocker(url, table_name=table, clean_interval=None)
     opened: list[Any] = []
     event.listen(locker.engine.sync_engine, "connect", lambda dbapi, _record: opened.append(dbapi))
     try:
@@ -230,8 +229,5 @@ async def test_a_direct_connection_keeps_the_acquire_statement_prepared(
         assert 1 in prepared, prepared
         assert "unnamed statements" not in caplog.text
     finally:
-        metadata = MetaData()
-        lock_table(metadata, name=locker.table.name)
-        async with locker.engine.begin() as conn:
-            await conn.run_sync(lambda sync: metadata.drop_all(sync, checkfirst=True))
         await locker.aclose()
+        await _drop_table(url, table)
